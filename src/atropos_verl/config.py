@@ -1,0 +1,268 @@
+"""Typed configuration of a training run.
+
+Hydra composes the YAML groups under ``conf/``; :func:`load_config` merges the
+result onto these dataclasses, so an unknown key or a wrong type fails at
+start-up with OmegaConf's message naming the full key, and :meth:`validate`
+checks the values that types alone cannot (ranges, divisibility, choices).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key."""
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class ModelConfig:
+    # A Hugging Face hub id, a local folder, or ``builtin:<name>`` for the models
+    # this project builds from registry packages (see atropos_verl.assets).
+    path: str = "builtin:tiny-llama"
+    tokenizer_path: Optional[str] = None
+    trust_remote_code: bool = False
+    # flash_attention_2 needs flash-attn; sdpa runs everywhere.
+    attn_implementation: str = "sdpa"
+    enable_gradient_checkpointing: bool = False
+
+    def validate(self) -> None:
+        _require(bool(self.path), "model.path", "must name a hub id, a local folder or builtin:<name>")
+        _require(
+            self.attn_implementation in ("sdpa", "eager", "flash_attention_2", "flash_attention_3"),
+            "model.attn_implementation",
+            f"unknown value {self.attn_implementation!r}",
+        )
+
+
+@dataclass
+class AtroposConfig:
+    api_url: str = "http://127.0.0.1:8000"
+    # Seconds start-up waits for the API before failing (the seed's atropos.timeout).
+    timeout: float = 60.0
+    request_timeout: float = 30.0
+    poll_interval: float = 0.2
+    max_poll_interval: float = 5.0
+    # Give up when no batch arrives for this long (null waits forever).
+    batch_timeout: Optional[float] = 1800.0
+    max_retries: int = 5
+    # A second trainer registering does not reset the API; allow wiping its state.
+    reset_on_mismatch: bool = False
+    wandb_group: str = "atropos-verl"
+    wandb_project: str = "atropos-verl"
+
+    def validate(self) -> None:
+        _require(self.api_url.startswith(("http://", "https://")), "atropos.api_url", f"not an http(s) URL: {self.api_url!r}")
+        _require(self.timeout > 0, "atropos.timeout", f"must be > 0, got {self.timeout}")
+        _require(self.request_timeout > 0, "atropos.request_timeout", f"must be > 0, got {self.request_timeout}")
+        _require(self.poll_interval > 0, "atropos.poll_interval", f"must be > 0, got {self.poll_interval}")
+        _require(
+            self.max_poll_interval >= self.poll_interval,
+            "atropos.max_poll_interval",
+            f"must be >= atropos.poll_interval ({self.poll_interval}), got {self.max_poll_interval}",
+        )
+        _require(self.batch_timeout is None or self.batch_timeout > 0, "atropos.batch_timeout", "must be > 0 or null")
+        _require(self.max_retries >= 0, "atropos.max_retries", f"must be >= 0, got {self.max_retries}")
+
+
+NORMALIZATIONS = ("group", "batch", "none")
+
+
+@dataclass
+class AdvantageConfig:
+    # Where score-derived advantages are centred (and scaled): within each group
+    # (GRPO), across the whole batch, or not at all (raw scores).
+    normalization: str = "group"
+    # Divide by the standard deviation after centring (false: Dr. GRPO style).
+    scale_by_std: bool = True
+    eps: float = 1e-6
+    # [low, high] applied to every final advantage, or null for no clipping.
+    clip: Optional[list[float]] = field(default_factory=lambda: [-3.0, 3.0])
+    # Token-level advantages sent by an environment replace score-derived ones.
+    use_env_advantages: bool = True
+
+    def validate(self) -> None:
+        _require(
+            self.normalization in NORMALIZATIONS,
+            "advantage.normalization",
+            f"must be one of {NORMALIZATIONS}, got {self.normalization!r}",
+        )
+        _require(self.eps > 0, "advantage.eps", f"must be > 0, got {self.eps}")
+        if self.clip is not None:
+            _require(len(self.clip) == 2, "advantage.clip", f"must be [low, high] or null, got {self.clip}")
+            _require(self.clip[0] < self.clip[1], "advantage.clip", f"low must be < high, got {self.clip}")
+
+
+REDUCTIONS = ("token-mean", "sequence-mean", "sum")
+
+
+@dataclass
+class LossConfig:
+    # token-mean: sum(-A*m*logp)/sum(m) over the mini-batch (all DP ranks);
+    # sequence-mean: mean over sequences of each sequence's token mean; sum: no normalisation.
+    reduction: str = "token-mean"
+    # PPO-style ratio clip against the env's inference_logprobs (null: plain
+    # advantage-weighted cross-entropy, which is what on-policy data needs).
+    clip_ratio: Optional[float] = None
+    # Scale logits by each sequence's sampling temperature before log-softmax,
+    # so trainer log-probs are comparable with the sampler's.
+    use_sampling_temperature: bool = True
+
+    def validate(self) -> None:
+        _require(self.reduction in REDUCTIONS, "loss.reduction", f"must be one of {REDUCTIONS}, got {self.reduction!r}")
+        _require(
+            self.clip_ratio is None or 0 < self.clip_ratio < 1,
+            "loss.clip_ratio",
+            f"must be in (0, 1) or null, got {self.clip_ratio}",
+        )
+
+
+@dataclass
+class ActorConfig:
+    """verl FSDP2 training engine settings (verl's names where they exist)."""
+
+    strategy: str = "fsdp2"
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    clip_grad: float = 1.0
+    lr_warmup_steps: int = 0
+    lr_scheduler_type: str = "constant"
+    # Compute dtype. bfloat16 keeps fp32 master weights and runs matmuls in bf16.
+    dtype: str = "bfloat16"
+    ulysses_sequence_parallel_size: int = 1
+    fsdp_size: int = -1
+    param_offload: bool = False
+    optimizer_offload: bool = False
+    use_dynamic_bsz: bool = True
+    max_token_len_per_gpu: int = 16384
+    micro_batch_size_per_gpu: int = 4
+    # Optimizer steps per Atropos batch (PPO-style mini-batches over one batch).
+    num_mini_batches: int = 1
+    use_torch_compile: bool = False
+    use_fused_kernels: bool = False
+    seed: int = 42
+
+    def validate(self) -> None:
+        _require(self.strategy == "fsdp2", "actor.strategy", f"only fsdp2 is supported, got {self.strategy!r}")
+        _require(self.lr > 0, "actor.lr", f"must be > 0, got {self.lr}")
+        _require(len(self.betas) == 2, "actor.betas", f"must be [beta1, beta2], got {self.betas}")
+        _require(self.clip_grad > 0, "actor.clip_grad", f"must be > 0, got {self.clip_grad}")
+        _require(self.dtype in ("bfloat16", "float32"), "actor.dtype", f"must be bfloat16 or float32, got {self.dtype!r}")
+        _require(self.lr_scheduler_type in ("constant", "cosine"), "actor.lr_scheduler_type", "must be constant or cosine")
+        _require(self.ulysses_sequence_parallel_size >= 1, "actor.ulysses_sequence_parallel_size", "must be >= 1")
+        _require(self.max_token_len_per_gpu > 0, "actor.max_token_len_per_gpu", "must be > 0")
+        _require(self.micro_batch_size_per_gpu > 0, "actor.micro_batch_size_per_gpu", "must be > 0")
+        _require(self.num_mini_batches >= 1, "actor.num_mini_batches", "must be >= 1")
+
+
+@dataclass
+class EngineConfig:
+    """Inference engines that serve the policy to environments.
+
+    ``external``: environments bring their own inference servers; the trainer
+    only trains (no weight sync). Engine kinds that the trainer starts and
+    syncs are added as further values of ``kind``.
+    """
+
+    kind: str = "external"
+
+    def validate(self) -> None:
+        _require(self.kind in ("external",), "engine.kind", f"unsupported engine {self.kind!r}; available: external")
+
+
+@dataclass
+class DataConfig:
+    """Where scored groups come from. ``atropos``: environments connected to atropos.api_url."""
+
+    source: str = "atropos"
+
+    def validate(self) -> None:
+        _require(self.source == "atropos", "data.source", f"unsupported source {self.source!r}; available: atropos")
+
+
+@dataclass
+class TrainerConfig:
+    total_training_steps: int = 10
+    # Sequences per training step, registered with the Atropos API as batch_size.
+    batch_size: int = 8
+    # Longest sequence (prompt + completion) accepted; longer groups are rejected.
+    max_token_len: int = 2048
+    device: str = "auto"
+    n_gpus_per_node: int = 1
+    nnodes: int = 1
+    # Join an existing Ray cluster (multi-node); null starts a local one.
+    ray_address: Optional[str] = None
+    ray_num_cpus: Optional[int] = None
+    run_dir: str = "."
+    project_name: str = "atropos-verl"
+    experiment_name: str = "run"
+    # verl Tracking backends besides metrics.jsonl: console, tensorboard, wandb, ...
+    logger: list[str] = field(default_factory=lambda: ["console"])
+    save_freq: int = 0
+    max_ckpt_to_keep: Optional[int] = None
+    # auto: continue from the latest checkpoint in run_dir if there is one; disable: start fresh.
+    resume: str = "auto"
+    seed: int = 1
+
+    def validate(self) -> None:
+        _require(self.total_training_steps >= 1, "trainer.total_training_steps", "must be >= 1")
+        _require(self.batch_size >= 1, "trainer.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.max_token_len >= 2, "trainer.max_token_len", f"must be >= 2, got {self.max_token_len}")
+        _require(self.device in ("auto", "cpu", "cuda"), "trainer.device", f"must be auto, cpu or cuda, got {self.device!r}")
+        _require(self.n_gpus_per_node >= 1, "trainer.n_gpus_per_node", "must be >= 1")
+        _require(self.nnodes >= 1, "trainer.nnodes", "must be >= 1")
+        _require(self.save_freq >= 0, "trainer.save_freq", "must be >= 0 (0 saves only at the end)")
+        _require(self.resume in ("auto", "disable"), "trainer.resume", f"must be auto or disable, got {self.resume!r}")
+
+    @property
+    def world_size(self) -> int:
+        return self.n_gpus_per_node * self.nnodes
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    atropos: AtroposConfig = field(default_factory=AtroposConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def validate(self) -> None:
+        for section in (self.model, self.atropos, self.advantage, self.loss, self.actor, self.engine, self.data, self.trainer):
+            section.validate()
+        dp = self.trainer.world_size // self.actor.ulysses_sequence_parallel_size
+        _require(
+            self.trainer.world_size % self.actor.ulysses_sequence_parallel_size == 0,
+            "actor.ulysses_sequence_parallel_size",
+            f"must divide the world size {self.trainer.world_size} (n_gpus_per_node x nnodes)",
+        )
+        _require(
+            self.trainer.batch_size >= dp * self.actor.num_mini_batches,
+            "trainer.batch_size",
+            f"must be >= data-parallel size x actor.num_mini_batches = {dp * self.actor.num_mini_batches}",
+        )
+
+
+def load_config(cfg: DictConfig | dict[str, Any]) -> RunConfig:
+    """Typed, validated view of a composed Hydra config; errors name the bad key."""
+    schema = OmegaConf.structured(RunConfig)
+    try:
+        merged = OmegaConf.merge(schema, cfg)
+        run_config: RunConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(str(exc).strip()) from exc
+    run_config.validate()
+    return run_config
