@@ -1,0 +1,140 @@
+"""The advantage-weighted token loss: cross-entropy per token × advantage × loss mask.
+
+Alignment follows Atropos: ``advantages[b, t]`` and ``loss_mask[b, t]`` belong to
+token ``input_ids[b, t]``, which is predicted by ``logits[b, t-1]``; position 0
+has no prediction and is never trained. With ``logp[b, t] = log p(input_ids[b, t] | < t)``
+the per-token objective is ``-A[b, t] * logp[b, t]`` and the default reduction is
+
+    token-mean = Σ(-A·m·logp) / Σm
+
+Two entry points share :func:`token_objective`:
+
+* :func:`advantage_weighted_token_loss` — the public, framework-free function on
+  ``(B, T, V)`` logits.
+* :func:`verl_policy_loss` — the same objective as a verl ``TrainingWorker`` loss
+  (``set_loss_fn``), on the engine's packed log-probs, normalised over the whole
+  mini-batch across micro-batches and data-parallel ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+REDUCTIONS = ("token-mean", "sequence-mean", "sum")
+
+
+def token_objective(
+    logp: torch.Tensor,
+    advantages: torch.Tensor,
+    old_logp: Optional[torch.Tensor] = None,
+    clip_ratio: Optional[float] = None,
+) -> torch.Tensor:
+    """Per-token loss, same shape as ``logp``.
+
+    Without ``clip_ratio`` this is ``-A * logp``. With it, the PPO clipped
+    surrogate ``-min(r*A, clip(r, 1-ε, 1+ε)*A)`` with ``r = exp(logp - old_logp)``;
+    where ``old_logp`` equals ``logp`` (on-policy) its gradient is that of ``-A * logp``.
+    """
+    if clip_ratio is None:
+        return -advantages * logp
+    if old_logp is None:
+        old_logp = logp.detach()
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - clip_ratio, 1.0 + clip_ratio) * advantages
+    return -torch.minimum(unclipped, clipped)
+
+
+def advantage_weighted_token_loss(
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    advantages: torch.Tensor,
+    loss_mask: torch.Tensor,
+    reduction: str = "token-mean",
+) -> torch.Tensor:
+    """Advantage-weighted cross-entropy over tokens; returns a scalar to backpropagate.
+
+    Args:
+        logits: ``(B, T, V)`` model outputs; ``logits[b, t]`` predicts ``input_ids[b, t+1]``.
+        input_ids: ``(B, T)`` token ids.
+        advantages: ``(B, T)`` advantage of each token ``input_ids[b, t]``.
+        loss_mask: ``(B, T)`` 1 where token ``input_ids[b, t]`` is trained, 0 elsewhere
+            (Atropos ``masks != -100``); masked tokens get exactly zero gradient.
+        reduction: ``token-mean`` (Σ(-A·m·logp)/Σm), ``sequence-mean`` (mean over
+            sequences with a trained token of each one's token mean) or ``sum``.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if logits.dim() != 3 or input_ids.shape != logits.shape[:2]:
+        raise ValueError(f"logits must be (B, T, V) and input_ids (B, T); got {tuple(logits.shape)}, {tuple(input_ids.shape)}")
+    if advantages.shape != input_ids.shape or loss_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"advantages {tuple(advantages.shape)} and loss_mask {tuple(loss_mask.shape)} "
+            f"must match input_ids {tuple(input_ids.shape)}"
+        )
+    targets = input_ids[:, 1:]
+    # cross_entropy fuses log-softmax and gather without keeping a (B, T, V) log-prob copy.
+    logp = -F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+    ).view_as(targets)
+    mask = loss_mask[:, 1:].to(logp.dtype)
+    # where() rather than a product alone: a masked token must not leak NaN/inf into the gradient.
+    per_token = torch.where(mask > 0, token_objective(logp, advantages[:, 1:].to(logp.dtype)), 0.0) * mask
+    if reduction == "sum":
+        return per_token.sum()
+    if reduction == "token-mean":
+        return per_token.sum() / mask.sum().clamp_min(1.0)
+    per_sequence_tokens = mask.sum(dim=1)
+    trained = per_sequence_tokens > 0
+    per_sequence = per_token.sum(dim=1)[trained] / per_sequence_tokens[trained]
+    return per_sequence.sum() / trained.sum().clamp_min(1)
+
+
+def verl_policy_loss(model_output, data, dp_group=None, *, reduction: str = "token-mean", clip_ratio=None):
+    """The objective as a verl ``TrainingWorker`` loss (bind the keywords with ``functools.partial``).
+
+    The engine returns packed log-probs where slot ``t`` of a sequence holds
+    ``log p(token t+1)``; the batch builder stores every per-token input in that
+    shifted layout (``loss_mask``, ``advantages``, ``old_log_probs``), so here the
+    tensors line up element-wise. ``loss_mask`` carries the reduction's weights
+    (1 per trained token, or 1/n_i for sequence-mean) and verl sums it over the
+    whole mini-batch on every data-parallel rank into ``batch_num_tokens``;
+    dividing by it and multiplying by ``dp_size`` (FSDP averages gradients over
+    ranks) makes the accumulated gradient exactly that of the global reduction.
+    """
+    from verl.utils.metric import AggregationType, Metric
+
+    logp = model_output["log_probs"].values()
+    weight = data["loss_mask"].values().to(logp.dtype)
+    advantages = data["advantages"].values().to(logp.dtype)
+    old_logp = data["old_log_probs"].values().to(logp.dtype)
+    has_old = data["has_old_log_probs"].values().to(logp.dtype)
+    # Sequences without inference log-probs are treated as exactly on-policy.
+    old_logp = torch.where(has_old > 0, old_logp, logp.detach())
+
+    per_token = token_objective(logp, advantages, old_logp, clip_ratio)
+    dp_size = float(data["dp_size"])
+    batch_weight = max(float(data["batch_num_tokens"]), 1e-12)
+    scale = dp_size if reduction == "sum" else dp_size / batch_weight
+    loss = torch.where(weight > 0, per_token, 0.0).mul(weight).sum() * scale
+
+    # Metrics are weighted means over the mini-batch whatever the reduction: each
+    # micro-batch reports its share (sum / global weight x dp_size), which verl's
+    # SUM over micro-batches and mean over ranks turns into the global mean.
+    # The log-prob gap to the sampler is a ratio of two such shares, formed on the driver.
+    with torch.no_grad():
+        share = dp_size / batch_weight
+        detached = logp.detach()
+        sampled_weight = weight * has_old
+        metrics = {
+            "actor/logprob": (detached * weight).sum() * share,
+            "actor/inference_logprob_abs_diff_share": ((detached - old_logp).abs() * sampled_weight).sum() * share,
+            "actor/inference_logprob_weight_share": sampled_weight.sum() * share,
+        }
+        if clip_ratio is not None:
+            outside = ((torch.exp(detached - old_logp) - 1.0).abs() > clip_ratio).to(weight.dtype)
+            metrics["actor/clip_fraction"] = (outside * weight).sum() * share
+    return loss, {key: Metric(AggregationType.SUM, value) for key, value in metrics.items()}
