@@ -1,0 +1,234 @@
+"""The policy's training side: verl 0.9.1 FSDP2 ``TrainingWorker``s on a Ray worker group.
+
+The driver holds an :class:`Actor`; each rank runs a :class:`PolicyWorker`
+(verl's ``TrainingWorker``, which owns the FSDP2 engine, optimizer and
+checkpoint manager). One Atropos batch becomes one call of verl's
+``train_mini_batch`` (``actor.num_mini_batches`` optimizer steps), with our
+advantage-weighted token loss installed through ``set_loss_fn``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from functools import partial
+from typing import Any
+
+import ray
+import torch
+from tensordict import TensorDict
+
+# Registers verl's "cpu" platform in this process whether or not the package's
+# verl.plugins entry point is installed (e.g. a source checkout on PYTHONPATH).
+import atropos_verl.platform_cpu  # noqa: F401
+from atropos_verl.config import RunConfig
+from atropos_verl.loss import verl_policy_loss
+from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
+from verl.trainer.config import CheckpointConfig
+from verl.utils import tensordict_utils as tu
+from verl.workers.config import FSDPEngineConfig, FSDPOptimizerConfig, HFModelConfig, TrainingWorkerConfig
+from verl.workers.engine_workers import TrainingWorker
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("trainer.device=cuda but torch sees no CUDA device; use trainer.device=cpu or auto")
+    return requested
+
+
+class PolicyWorker(TrainingWorker):
+    """verl's TrainingWorker, prepared to also run on the CPU platform.
+
+    verl builds the process group as ``cpu:gloo,<device>:<backend>``, which torch
+    rejects when the device is the CPU itself, and registers its FSDP engine for
+    accelerators only. Creating the gloo group first (verl skips its own when one
+    exists) and registering the same engine class for ``cpu`` fixes both without
+    touching verl.
+    """
+
+    def __init__(self, config: TrainingWorkerConfig, device: str):
+        if device == "cpu":
+            import torch.distributed as dist
+            from verl.workers.engine import EngineRegistry, FSDPEngineWithLMHead
+
+            if not dist.is_initialized():
+                dist.init_process_group(
+                    backend="gloo", rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"])
+                )
+            if "cpu" not in EngineRegistry._engines.get("language_model", {}).get("fsdp2", {}):
+                EngineRegistry.register(model_type="language_model", backend=["fsdp", "fsdp2"], device="cpu")(
+                    FSDPEngineWithLMHead
+                )
+        super().__init__(config)
+
+
+def training_worker_config(cfg: RunConfig, model_path: str, device: str) -> TrainingWorkerConfig:
+    """Translate our typed config into verl's engine, optimizer and model configs."""
+    actor = cfg.actor
+    precision = "bf16" if actor.dtype == "bfloat16" else "fp32"
+    model = HFModelConfig(
+        path=model_path,
+        tokenizer_path=cfg.model.tokenizer_path,
+        trust_remote_code=cfg.model.trust_remote_code,
+        override_config={"attn_implementation": cfg.model.attn_implementation},
+        enable_gradient_checkpointing=cfg.model.enable_gradient_checkpointing,
+        use_remove_padding=True,
+        use_fused_kernels=actor.use_fused_kernels,
+    )
+    engine = FSDPEngineConfig(
+        strategy=actor.strategy,
+        param_offload=actor.param_offload,
+        optimizer_offload=actor.optimizer_offload,
+        use_dynamic_bsz=actor.use_dynamic_bsz,
+        max_token_len_per_gpu=actor.max_token_len_per_gpu,
+        micro_batch_size_per_gpu=actor.micro_batch_size_per_gpu,
+        infer_max_token_len_per_gpu=actor.max_token_len_per_gpu,
+        infer_micro_batch_size_per_gpu=actor.micro_batch_size_per_gpu,
+        ulysses_sequence_parallel_size=actor.ulysses_sequence_parallel_size,
+        fsdp_size=actor.fsdp_size,
+        model_dtype="fp32",
+        mixed_precision={"param_dtype": precision, "reduce_dtype": "fp32", "buffer_dtype": "fp32"},
+        use_torch_compile=actor.use_torch_compile,
+        seed=actor.seed,
+    )
+    optimizer = FSDPOptimizerConfig(
+        lr=actor.lr,
+        weight_decay=actor.weight_decay,
+        betas=tuple(actor.betas),
+        clip_grad=actor.clip_grad,
+        lr_warmup_steps=actor.lr_warmup_steps,
+        lr_scheduler_type=actor.lr_scheduler_type,
+        total_training_steps=cfg.trainer.total_training_steps * actor.num_mini_batches,
+    )
+    return TrainingWorkerConfig(
+        model_type="language_model",
+        model_config=model,
+        engine_config=engine,
+        optimizer_config=optimizer,
+        checkpoint_config=CheckpointConfig(),
+    )
+
+
+def ensure_ray(cfg: RunConfig, device: str) -> bool:
+    """Join ``trainer.ray_address`` or start a private local Ray instance; True if this call started Ray.
+
+    Ray 2.60 advertises the host's own address and binds its gRPC ports on all
+    interfaces whatever ``_node_ip_address`` says; those ports require Ray's
+    cluster token (on by default), and our own listeners stay on loopback.
+    """
+    if ray.is_initialized():
+        return False
+    env_vars = {}
+    if device == "cpu":
+        # Workers unpickle PolicyWorker (importing this module) before verl picks a
+        # platform; naming the plugin as well keeps that independent of import order.
+        env_vars = {"VERL_PLATFORM": "cpu", "VERL_USE_EXTERNAL_MODULES": "atropos_verl.platform_cpu"}
+    if cfg.trainer.ray_address:
+        ray.init(address=cfg.trainer.ray_address, runtime_env={"env_vars": env_vars})
+    else:
+        num_cpus = cfg.trainer.ray_num_cpus or max(os.cpu_count() or 1, cfg.trainer.world_size)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env_vars})
+    return True
+
+
+def _mean(value: Any) -> float:
+    values = _as_list(value)
+    return float(sum(float(v) for v in values) / max(len(values), 1))
+
+
+def _total(value: Any) -> float:
+    return float(sum(float(v) for v in _as_list(value)))
+
+
+def _as_list(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+class Actor:
+    """Driver-side handle on the policy's FSDP2 workers."""
+
+    def __init__(self, cfg: RunConfig, model_path: str):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.trainer.device)
+        if self.device == "cpu":
+            os.environ["VERL_PLATFORM"] = "cpu"
+        self._owns_ray = ensure_ray(cfg, self.device)
+        worker_config = training_worker_config(cfg, model_path, self.device)
+        self._pool = pool = RayResourcePool(
+            process_on_nodes=[cfg.trainer.n_gpus_per_node] * cfg.trainer.nnodes,
+            use_gpu=self.device == "cuda",
+            # Each CPU worker takes one Ray CPU; verl's default of 10 asks for 10 per worker and never schedules.
+            max_colocate_count=1 if self.device == "cpu" else 10,
+        )
+        self.workers = RayWorkerGroup(
+            resource_pool=pool,
+            ray_cls_with_init=RayClassWithInitArgs(ray.remote(PolicyWorker), config=worker_config, device=self.device),
+            device_name=self.device,
+        )
+        self.workers.set_loss_fn(
+            partial(verl_policy_loss, reduction=cfg.loss.reduction, clip_ratio=cfg.loss.clip_ratio)
+        )
+        self.workers.reset()
+        self.data_parallel_size = cfg.trainer.world_size // cfg.actor.ulysses_sequence_parallel_size
+        logger.info(
+            "policy workers ready: %d x %s, data-parallel %d, ulysses %d (%s)",
+            cfg.trainer.world_size,
+            self.device,
+            self.data_parallel_size,
+            cfg.actor.ulysses_sequence_parallel_size,
+            socket.gethostname(),
+        )
+
+    @property
+    def batch_multiple(self) -> int:
+        """Sequence counts must be a multiple of this for verl to split a batch evenly."""
+        return self.data_parallel_size * self.cfg.actor.num_mini_batches
+
+    def train(self, batch: TensorDict) -> dict[str, float]:
+        """One Atropos batch → ``num_mini_batches`` optimizer steps; returns scalar metrics."""
+        tu.assign_non_tensor(
+            batch,
+            num_mini_batch=self.cfg.actor.num_mini_batches,
+            epochs=1,
+            seed=self.cfg.actor.seed,
+        )
+        output = self.workers.train_mini_batch(batch).get()
+        raw = tu.get(output, "metrics")
+        metrics = {
+            "train/loss": _mean(raw["loss"]),
+            "train/grad_norm": _mean(raw["grad_norm"]),
+            "train/logprob": _mean(raw["actor/logprob"]),
+        }
+        if "lr" in raw:
+            metrics["train/lr"] = _mean(raw["lr"])
+        sampled = _total(raw["actor/inference_logprob_weight_share"])
+        if sampled > 0:
+            metrics["train/inference_logprob_abs_diff"] = _total(raw["actor/inference_logprob_abs_diff_share"]) / sampled
+        if "actor/clip_fraction" in raw:
+            metrics["train/clip_fraction"] = _mean(raw["actor/clip_fraction"])
+        if "mfu" in raw:
+            metrics["perf/mfu"] = _mean(raw["mfu"])
+        if "perf/max_memory_allocated_gb" in raw:
+            metrics["perf/max_memory_allocated_gb"] = max(float(v) for v in _as_list(raw["perf/max_memory_allocated_gb"]))
+        return metrics
+
+    def save_checkpoint(self, path: str, step: int) -> None:
+        self.workers.save_checkpoint(path, global_step=step, max_ckpt_to_keep=None)
+
+    def load_checkpoint(self, path: str) -> None:
+        self.workers.load_checkpoint(path, del_local_after_load=False)
+
+    def shutdown(self) -> None:
+        """Stop the workers and free their placement groups (and Ray itself if this Actor started it)."""
+        for worker in self.workers.workers:
+            ray.kill(worker)
+        for placement_group in self._pool.pgs or []:
+            ray.util.remove_placement_group(placement_group)
+        if self._owns_ray:
+            ray.shutdown()
+

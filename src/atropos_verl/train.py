@@ -1,0 +1,40 @@
+"""Entry point: ``python -m atropos_verl.train model=... engine=... data=... advantage=...``.
+
+Hydra composes ``conf/config.yaml`` with the chosen groups (``--cfg job`` prints
+the result, ``-m`` runs sweeps); the typed config is validated before anything
+starts, then the trainer runs until ``trainer.total_training_steps``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from atropos_verl.config import ConfigError, load_config
+
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+logger = logging.getLogger("atropos_verl")
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    try:
+        run_config = load_config(cfg)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+    from atropos_verl.trainer import Trainer
+
+    run_dir = asyncio.run(Trainer(run_config).run())
+    logger.info("run finished: %s", run_dir)
+
+
+if __name__ == "__main__":
+    main()

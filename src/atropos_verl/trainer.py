@@ -1,0 +1,255 @@
+"""The training loop: Atropos batch → validated groups → advantages → verl update → metrics.
+
+Read :meth:`Trainer.run` top to bottom; each stage lives in its own module:
+
+    atropos.client   fetch a batch of scored groups from the trajectory API
+    groups           validate every group; reject bad ones with a reason
+    advantages       per-token advantages (env-given, or from scores)
+    batch            pack into verl's no-padding TensorDict (shifted layout)
+    actor            verl FSDP2 TrainingWorkers run the advantage-weighted token loss
+    metrics          metrics.jsonl + verl Tracking
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from atropos_verl.actor import Actor
+from atropos_verl.advantages import token_advantages
+from atropos_verl.assets import resolve_model_path
+from atropos_verl.atropos import AtroposClient, TrainerRegistration
+from atropos_verl.batch import build_batch
+from atropos_verl.config import RunConfig
+from atropos_verl.groups import GroupLimits, GroupRejected, ScoredGroup, describe, parse_group
+from atropos_verl.metrics import MetricsLogger
+
+logger = logging.getLogger(__name__)
+
+LATEST_FILE = "latest_checkpointed_iteration.txt"
+STATE_FILE = "trainer_state.json"
+
+
+def vocab_size_of(model_path: str, trust_remote_code: bool) -> int:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text_config.vocab_size)
+
+
+@dataclass
+class ValidatedBatch:
+    groups: list[ScoredGroup]
+    rejected: list[GroupRejected]
+
+
+def validate_batch(raw_groups: list[Any], step: int, limits: GroupLimits) -> ValidatedBatch:
+    groups, rejected = [], []
+    for index, raw in enumerate(raw_groups):
+        group_id = describe(raw, index, step)
+        try:
+            groups.append(parse_group(raw, group_id, limits))
+        except GroupRejected as rejection:
+            logger.warning("rejected %s", rejection)
+            rejected.append(rejection)
+    return ValidatedBatch(groups, rejected)
+
+
+def reward_metrics(groups: list[ScoredGroup]) -> dict[str, float]:
+    scores = np.array([s for g in groups for s in g.scores], dtype=np.float64)
+    return {
+        "reward/mean": float(scores.mean()),
+        "reward/std": float(scores.std()),
+        "reward/min": float(scores.min()),
+        "reward/max": float(scores.max()),
+    }
+
+
+class CheckpointDir:
+    """``<run_dir>/checkpoints/global_step_N/{actor/, trainer_state.json}`` plus a latest pointer."""
+
+    def __init__(self, root: Path, keep: Optional[int]):
+        self.root = root
+        self.keep = keep
+
+    def step_dir(self, step: int) -> Path:
+        return self.root / f"global_step_{step}"
+
+    def latest_step(self) -> Optional[int]:
+        pointer = self.root / LATEST_FILE
+        if not pointer.exists():
+            return None
+        return int(pointer.read_text().strip())
+
+    def load_state(self, step: int) -> dict[str, Any]:
+        return json.loads((self.step_dir(step) / STATE_FILE).read_text())
+
+    def commit(self, step: int, state: dict[str, Any]) -> None:
+        """Write the trainer state, then move the latest pointer: a crash mid-save leaves the old one valid."""
+        (self.step_dir(step) / STATE_FILE).write_text(json.dumps(state, indent=2))
+        tmp = self.root / f".{LATEST_FILE}.tmp"
+        tmp.write_text(str(step))
+        tmp.replace(self.root / LATEST_FILE)
+        if self.keep:
+            steps = sorted(int(p.name.split("_")[-1]) for p in self.root.glob("global_step_*"))
+            for old in steps[: -self.keep]:
+                shutil.rmtree(self.step_dir(old), ignore_errors=True)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.trainer.run_dir).resolve()
+        self.checkpoints = CheckpointDir(self.run_dir / "checkpoints", cfg.trainer.max_ckpt_to_keep)
+        self.step = 0
+        self.groups_rejected_total = 0
+        self.groups_trained_total = 0
+
+    def _registration(self) -> TrainerRegistration:
+        t = self.cfg.trainer
+        return TrainerRegistration(
+            wandb_group=self.cfg.atropos.wandb_group,
+            wandb_project=self.cfg.atropos.wandb_project,
+            batch_size=t.batch_size,
+            max_token_len=t.max_token_len,
+            checkpoint_dir=str(self.checkpoints.root),
+            save_checkpoint_interval=t.save_freq,
+            starting_step=self.step,
+            num_steps=t.total_training_steps,
+        )
+
+    def _client(self) -> AtroposClient:
+        a = self.cfg.atropos
+        return AtroposClient(
+            api_url=a.api_url,
+            registration=self._registration(),
+            request_timeout_s=a.request_timeout,
+            connect_deadline_s=a.timeout,
+            poll_interval_s=a.poll_interval,
+            max_poll_interval_s=a.max_poll_interval,
+            max_retries=a.max_retries,
+            reset_on_mismatch=a.reset_on_mismatch,
+        )
+
+    def _save(self, actor: Actor) -> None:
+        actor.save_checkpoint(str(self.checkpoints.step_dir(self.step) / "actor"), self.step)
+        self.checkpoints.commit(
+            self.step,
+            {
+                "step": self.step,
+                "groups_trained_total": self.groups_trained_total,
+                "groups_rejected_total": self.groups_rejected_total,
+            },
+        )
+        logger.info("checkpoint saved at step %d: %s", self.step, self.checkpoints.step_dir(self.step))
+
+    def _resume_point(self) -> Optional[int]:
+        """Restore the loop's counters from the latest checkpoint; weights are loaded once workers exist."""
+        latest = self.checkpoints.latest_step() if self.cfg.trainer.resume == "auto" else None
+        if latest is None:
+            return None
+        state = self.checkpoints.load_state(latest)
+        self.step = state["step"]
+        self.groups_trained_total = state["groups_trained_total"]
+        self.groups_rejected_total = state["groups_rejected_total"]
+        return latest
+
+    async def run(self) -> Path:
+        cfg = self.cfg
+        model_path = resolve_model_path(cfg.model.path)
+        limits = GroupLimits(
+            vocab_size=vocab_size_of(model_path, cfg.model.trust_remote_code), max_token_len=cfg.trainer.max_token_len
+        )
+        resume_step = self._resume_point()
+        metrics_logger = MetricsLogger(
+            self.run_dir,
+            cfg.trainer.project_name,
+            cfg.trainer.experiment_name,
+            [b for b in cfg.trainer.logger if b != "file"],
+        )
+        actor: Optional[Actor] = None
+        try:
+            async with self._client() as client:
+                # Fail fast on an unreachable API before spending time on the workers.
+                await client.wait_until_reachable()
+                actor = await asyncio.to_thread(Actor, cfg, model_path)
+                if resume_step is not None:
+                    await asyncio.to_thread(actor.load_checkpoint, str(self.checkpoints.step_dir(resume_step) / "actor"))
+                    logger.info("resumed from %s at step %d", self.checkpoints.step_dir(resume_step), self.step)
+                await client.register()
+                await self._train(client, actor, limits, metrics_logger)
+            return self.run_dir
+        finally:
+            metrics_logger.close()
+            if actor is not None:
+                actor.shutdown()
+
+    async def _train(self, client: AtroposClient, actor: Actor, limits: GroupLimits, metrics_logger: MetricsLogger):
+        cfg = self.cfg
+        rejected_since_last_step = 0
+        last_saved = self.step
+        while self.step < cfg.trainer.total_training_steps:
+            wait_start = time.perf_counter()
+            raw_groups = await client.next_batch(deadline_s=cfg.atropos.batch_timeout)
+            step_start = time.perf_counter()
+            validated = validate_batch(raw_groups, self.step + 1, limits)
+            rejected_since_last_step += len(validated.rejected)
+            self.groups_rejected_total += len(validated.rejected)
+            if not validated.groups:
+                logger.warning("every group of the batch was rejected; waiting for the next batch")
+                continue
+
+            advantages, advantage_stats = token_advantages(validated.groups, cfg.advantage)
+            batch, batch_stats = build_batch(
+                validated.groups,
+                advantages,
+                reduction=cfg.loss.reduction,
+                use_sampling_temperature=cfg.loss.use_sampling_temperature,
+                pad_to_multiple=actor.batch_multiple,
+            )
+            train_start = time.perf_counter()
+            train_metrics = await asyncio.to_thread(actor.train, batch)
+            train_s = time.perf_counter() - train_start
+            self.step += 1
+            self.groups_trained_total += len(validated.groups)
+
+            metrics = {
+                **train_metrics,
+                **reward_metrics(validated.groups),
+                **advantage_stats.as_metrics(),
+                **batch_stats.as_metrics(),
+                "data/groups": len(validated.groups),
+                "data/groups_rejected": rejected_since_last_step,
+                "data/groups_rejected_total": self.groups_rejected_total,
+                "timing/wait_s": step_start - wait_start,
+                "timing/train_s": train_s,
+                "timing/step_s": time.perf_counter() - step_start,
+                "perf/tokens_per_s": batch_stats.num_tokens / max(train_s, 1e-9),
+            }
+            rejected_since_last_step = 0
+            metrics_logger.log(self.step, metrics)
+            logger.info(
+                "step %d/%d loss %.4f reward %.3f adv %.3f groups %d rejected %d (%.2fs)",
+                self.step,
+                cfg.trainer.total_training_steps,
+                metrics["train/loss"],
+                metrics["reward/mean"],
+                metrics["advantage/mean"],
+                metrics["data/groups"],
+                metrics["data/groups_rejected"],
+                metrics["timing/step_s"],
+            )
+            if cfg.trainer.save_freq and self.step % cfg.trainer.save_freq == 0:
+                await asyncio.to_thread(self._save, actor)
+                last_saved = self.step
+        if last_saved != self.step:
+            await asyncio.to_thread(self._save, actor)
