@@ -249,6 +249,13 @@ class RunConfig:
             "actor.ulysses_sequence_parallel_size",
             f"must divide the world size {self.trainer.world_size} (n_gpus_per_node x nnodes)",
         )
+        # verl's Ulysses patch replaces the flash-attention kernel only: with SDPA or eager
+        # attention each rank would attend within its own shard and train on wrong numbers.
+        _require(
+            self.actor.ulysses_sequence_parallel_size == 1 or self.model.attn_implementation.startswith("flash_attention"),
+            "actor.ulysses_sequence_parallel_size",
+            f"> 1 needs model.attn_implementation=flash_attention_2 (got {self.model.attn_implementation!r})",
+        )
         _require(
             self.trainer.batch_size >= dp * self.actor.num_mini_batches,
             "trainer.batch_size",
