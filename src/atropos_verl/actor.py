@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from functools import partial
 from typing import Any
 
@@ -24,6 +25,7 @@ from tensordict import TensorDict
 import atropos_verl.platform_cpu  # noqa: F401
 from atropos_verl.config import RunConfig
 from atropos_verl.loss import verl_policy_loss
+from verl.single_controller.base.decorator import Dispatch, register
 from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
 from verl.trainer.config import CheckpointConfig
 from verl.utils import tensordict_utils as tu
@@ -65,6 +67,42 @@ class PolicyWorker(TrainingWorker):
                     FSDPEngineWithLMHead
                 )
         super().__init__(config)
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def export_weights(self, out_dir: str, bucket_bytes: int, dtype: str) -> dict[str, float]:
+        """Write the full policy as safetensors buckets (HF names) into ``out_dir``; rank 0 writes.
+
+        Every rank walks verl's per-tensor generator because each full tensor is an
+        all-gather of FSDP shards; only one tensor plus one bucket is held at a time,
+        never a second full copy of the model.
+        """
+        from safetensors.torch import save_file
+
+        start = time.perf_counter()
+        writer = self.rank == 0
+        target = torch.float32 if dtype == "float32" else torch.bfloat16
+        if writer:
+            os.makedirs(out_dir, exist_ok=True)
+        per_tensor, _ = self.engine.get_per_tensor_param()
+        bucket: dict[str, torch.Tensor] = {}
+        bucket_size = total_bytes = files = tensors = 0
+        for name, tensor in per_tensor:
+            if not writer:
+                continue
+            value = tensor.detach().to("cpu", dtype=target if tensor.is_floating_point() else tensor.dtype).contiguous()
+            bucket[name] = value
+            size = value.numel() * value.element_size()
+            bucket_size += size
+            total_bytes += size
+            tensors += 1
+            if bucket_size >= bucket_bytes:
+                save_file(bucket, os.path.join(out_dir, f"model-{files:05d}.safetensors"))
+                files += 1
+                bucket, bucket_size = {}, 0
+        if writer and bucket:
+            save_file(bucket, os.path.join(out_dir, f"model-{files:05d}.safetensors"))
+            files += 1
+        return {"bytes": float(total_bytes), "tensors": float(tensors), "files": float(files), "seconds": time.perf_counter() - start}
 
 
 def training_worker_config(cfg: RunConfig, model_path: str, device: str) -> TrainingWorkerConfig:
@@ -217,6 +255,17 @@ class Actor:
             metrics["perf/max_memory_allocated_gb"] = max(float(v) for v in _as_list(raw["perf/max_memory_allocated_gb"]))
         return metrics
 
+    def export_weights(self, out_dir: str, bucket_bytes: int, dtype: str) -> dict[str, float]:
+        """Full policy weights as safetensors buckets in ``out_dir`` (see PolicyWorker.export_weights)."""
+        return self.workers.export_weights(out_dir, bucket_bytes, dtype)[0]
+
+    def log_probs(self, sequences: list[list[int]]) -> list[list[float]]:
+        """Per-token log-probs of each sequence under the current weights: entry t is log p(token t+1)."""
+        batch = _jagged_batch(sequences, self.batch_multiple)
+        output = self.workers.infer_batch(batch).get()
+        values = output["log_probs"]
+        return [row.tolist()[: len(seq)] for row, seq in zip(values.unbind(), sequences)]
+
     def save_checkpoint(self, path: str, step: int) -> None:
         self.workers.save_checkpoint(path, global_step=step, max_ckpt_to_keep=None)
 
@@ -232,3 +281,16 @@ class Actor:
         if self._owns_ray:
             ray.shutdown()
 
+
+
+def _jagged_batch(sequences: list[list[int]], multiple: int) -> TensorDict:
+    padded = list(sequences) + [sequences[0]] * (-len(sequences) % multiple)
+    ids = [torch.tensor(seq, dtype=torch.long) for seq in padded]
+    return tu.get_tensordict(
+        tensor_dict={
+            "input_ids": torch.nested.as_nested_tensor(ids, layout=torch.jagged),
+            "position_ids": torch.nested.as_nested_tensor([torch.arange(len(t)) for t in ids], layout=torch.jagged),
+            "loss_mask": torch.nested.as_nested_tensor([torch.ones(len(t)) for t in ids], layout=torch.jagged),
+        },
+        non_tensor_dict={"temperature": 1.0, "compute_loss": False, "global_token_num": [len(t) for t in ids]},
+    )

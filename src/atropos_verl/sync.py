@@ -1,0 +1,187 @@
+"""Weight sync ("sharding manager"): trainer weights → every inference replica, then proof.
+
+One sync, after each optimizer step:
+
+1. export: the FSDP2 workers all-gather each parameter in turn and rank 0 writes
+   bucketed safetensors (HF names, the engine's dtype) into a node-local folder,
+   ``/dev/shm`` where available, so the copy is a memory copy;
+2. swap: the gateway stops dispatching and drains, every replica pauses, loads
+   the folder in place and resumes, the gateway resumes with the new policy
+   version (requests that arrive meanwhile wait instead of failing);
+3. proof: the trainer's log-probs of a probe (sequences from the batch it just
+   trained on) are compared with each replica's prompt log-probs; the mean
+   absolute difference is ``sync/logprob_abs_diff``, and above
+   ``engine.sync_check_threshold`` the run stops with :class:`SyncMismatchError`
+   instead of training on a policy the environments are not sampling from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Protocol, Sequence
+
+from atropos_verl.engines.base import InferenceReplica
+
+logger = logging.getLogger(__name__)
+
+
+class SyncMismatchError(RuntimeError):
+    """After a sync a replica's log-probs disagree with the trainer's: stale or corrupted weights."""
+
+
+class PolicyExporter(Protocol):
+    def export_weights(self, out_dir: str, bucket_bytes: int, dtype: str) -> dict[str, float]: ...
+
+    def log_probs(self, sequences: list[list[int]]) -> list[list[float]]: ...
+
+
+class ServingGate(Protocol):
+    async def pause(self, drain_timeout_s: float) -> bool: ...
+
+    def resume(self, policy_version: int) -> None: ...
+
+
+@dataclass
+class SyncReport:
+    policy_version: int
+    seconds: float
+    export_seconds: float
+    swap_seconds: float
+    bytes: float
+    logprob_abs_diff: Optional[float] = None
+    per_replica_diff: dict[str, float] = field(default_factory=dict)
+
+    def as_metrics(self) -> dict[str, float]:
+        metrics = {
+            "sync/policy_version": self.policy_version,
+            "timing/sync_s": self.seconds,
+            "timing/sync_export_s": self.export_seconds,
+            "timing/sync_swap_s": self.swap_seconds,
+            "sync/bytes": self.bytes,
+        }
+        if self.logprob_abs_diff is not None:
+            metrics["sync/logprob_abs_diff"] = self.logprob_abs_diff
+        return metrics
+
+
+def default_weights_root() -> Path:
+    """A private folder on tmpfs when the machine has one (the sync is then a memory copy)."""
+    shm = Path("/dev/shm")
+    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+    return Path(tempfile.mkdtemp(prefix="atropos-verl-weights-", dir=base))
+
+
+def mean_abs_diff(trainer: Sequence[Sequence[float]], engine: Sequence[Sequence[float]]) -> float:
+    """Mean |a - b| over aligned positions; trainer row t and engine row t both describe token t+1."""
+    total, count = 0.0, 0
+    for a_row, b_row in zip(trainer, engine):
+        for a, b in zip(a_row, b_row):
+            total += abs(a - b)
+            count += 1
+    if count == 0:
+        raise ValueError("probe has no positions to compare")
+    return total / count
+
+
+class WeightSync:
+    def __init__(
+        self,
+        exporter: PolicyExporter,
+        replicas: list[InferenceReplica],
+        gate: Optional[ServingGate],
+        *,
+        weights_root: Path,
+        dtype: str,
+        bucket_bytes: int = 512 << 20,
+        check_threshold: Optional[float] = 0.05,
+        drain_timeout_s: float = 60.0,
+    ):
+        self.exporter = exporter
+        self.replicas = replicas
+        self.gate = gate
+        self.weights_root = weights_root
+        self.dtype = dtype
+        self.bucket_bytes = bucket_bytes
+        self.check_threshold = check_threshold
+        self.drain_timeout_s = drain_timeout_s
+        self.policy_version = 0
+        self._current: Optional[Path] = None
+
+    async def sync(self, version: int, probe: list[list[int]]) -> SyncReport:
+        """Push the trainer's weights as policy ``version`` (the trainer step) and check them on ``probe``."""
+        start = time.perf_counter()
+        staging = self.weights_root / f".v{version}.tmp"
+        target = self.weights_root / f"v{version}"
+        shutil.rmtree(staging, ignore_errors=True)
+        exported = await asyncio.to_thread(self.exporter.export_weights, str(staging), self.bucket_bytes, self.dtype)
+        staging.rename(target)
+        export_s = time.perf_counter() - start
+
+        swap_start = time.perf_counter()
+        if self.gate is not None and not await self.gate.pause(self.drain_timeout_s):
+            logger.warning("gateway did not drain within %.0fs; replicas pause with requests in flight", self.drain_timeout_s)
+        try:
+            await asyncio.gather(*(replica.pause() for replica in self.replicas))
+            try:
+                await asyncio.gather(*(replica.load_weights(str(target), version) for replica in self.replicas))
+            finally:
+                await asyncio.gather(*(replica.resume() for replica in self.replicas))
+        finally:
+            if self.gate is not None:
+                self.gate.resume(version if self._loaded_everywhere(version) else self.policy_version)
+        swap_s = time.perf_counter() - swap_start
+        self.policy_version = version
+        if self._current is not None:
+            shutil.rmtree(self._current, ignore_errors=True)
+        self._current = target
+
+        report = SyncReport(
+            policy_version=version,
+            seconds=time.perf_counter() - start,
+            export_seconds=export_s,
+            swap_seconds=swap_s,
+            bytes=exported["bytes"],
+        )
+        if probe:
+            report.per_replica_diff = await self.verify(probe)
+            report.logprob_abs_diff = max(report.per_replica_diff.values())
+        return report
+
+    def _loaded_everywhere(self, version: int) -> bool:
+        return all(replica.policy_version == version for replica in self.replicas)
+
+    async def verify(self, probe: list[list[int]]) -> dict[str, float]:
+        """Per replica, mean |trainer - replica| log-prob over the probe's tokens.
+
+        Raises :class:`SyncMismatchError` when the worst replica exceeds the threshold.
+        """
+        diffs = await self.compare(probe)
+        worst = max(diffs, key=diffs.get)
+        if self.check_threshold is not None and diffs[worst] > self.check_threshold:
+            raise SyncMismatchError(
+                f"replica {worst} disagrees with the trainer (policy version {self.policy_version}): mean "
+                f"|log-prob difference| {diffs[worst]:.4f} > engine.sync_check_threshold {self.check_threshold} "
+                "on the probe; its weights are stale or corrupted"
+            )
+        return diffs
+
+    async def compare(self, probe: list[list[int]]) -> dict[str, float]:
+        """Mean |trainer - replica| log-prob over the probe's tokens, per replica."""
+        trainer = await asyncio.to_thread(self.exporter.log_probs, probe)
+        # Trainer slot t predicts token t+1 (the last slot predicts nothing); engine entry t is token t.
+        trainer_rows = [row[: len(seq) - 1] for row, seq in zip(trainer, probe)]
+        results = {}
+        for replica in self.replicas:
+            engine_rows = [[float(lp) for lp in (await replica.prompt_logprobs(seq))[1:]] for seq in probe]
+            results[replica.name] = mean_abs_diff(trainer_rows, engine_rows)
+        return results
+
+    def close(self) -> None:
+        shutil.rmtree(self.weights_root, ignore_errors=True)

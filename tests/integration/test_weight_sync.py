@@ -1,0 +1,128 @@
+"""Trainer → vLLM weight sync on CPU, proven: real verl FSDP2 workers, a real vLLM server, the gateway.
+
+(a) training changes the engine's greedy output once synced; (b) the log-prob
+check is small after a sync and fails loudly when a sync is skipped; (c) a
+request sent while a sync runs completes, stamped with the new policy version.
+"""
+
+import asyncio
+
+import aiohttp
+import pytest
+from transformers import AutoTokenizer
+
+from atropos_verl.actor import Actor
+from atropos_verl.advantages import token_advantages
+from atropos_verl.batch import build_batch
+from atropos_verl.config import AdvantageConfig, RunConfig
+from atropos_verl.engines import ReplicaSpec, VLLMReplica
+from atropos_verl.gateway import POLICY_VERSION_HEADER, Gateway
+from atropos_verl.groups import GroupLimits, parse_group
+from atropos_verl.sync import SyncMismatchError, WeightSync, default_weights_root
+
+pytestmark = pytest.mark.integration
+
+PROMPT = "The weather today is"
+TARGET = " banana banana banana banana"
+
+
+async def greedy(session: aiohttp.ClientSession, url: str, prompt_ids: list[int], max_tokens: int = 8):
+    async with session.post(
+        f"{url}/v1/completions",
+        json={"model": "policy", "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0,
+              "return_token_ids": True},
+    ) as resp:
+        body = await resp.json()
+        assert resp.status == 200, body
+        return body["choices"][0]["token_ids"], int(resp.headers[POLICY_VERSION_HEADER])
+
+
+def sft_batch(prompt_ids: list[int], target_ids: list[int], multiple: int):
+    """A group that trains the target continuation as supervised data (advantage 1 on its tokens)."""
+    tokens = prompt_ids + target_ids
+    masks = [-100] * len(prompt_ids) + target_ids
+    group = parse_group(
+        {"tokens": [tokens, tokens], "masks": [masks, masks], "scores": [1.0, 1.0], "overrides": [{"sft": True}] * 2},
+        "sft", GroupLimits(vocab_size=49152, max_token_len=128),
+    )
+    advantages, _ = token_advantages([group], AdvantageConfig())
+    batch, _ = build_batch([group], advantages, reduction="token-mean", use_sampling_temperature=True,
+                           pad_to_multiple=multiple)
+    return batch
+
+
+@pytest.mark.timeout(900)
+def test_sync_changes_the_engine_and_is_proven(tiny_model, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    prompt_ids = tokenizer.encode(PROMPT, add_special_tokens=False)
+    target_ids = tokenizer.encode(TARGET, add_special_tokens=False)
+    probe = [prompt_ids + target_ids]
+
+    cfg = RunConfig()
+    cfg.trainer.device = "cpu"
+    cfg.trainer.ray_num_cpus = 2
+    cfg.trainer.total_training_steps = 20
+    cfg.actor.dtype = "float32"
+    cfg.actor.lr = 5e-3
+    cfg.validate()
+
+    async def scenario():
+        replica = VLLMReplica(
+            ReplicaSpec(model_path=tiny_model, served_model_name="policy", dtype="float32", max_model_len=256,
+                        gpu_memory_utilization=0.4),
+            name="vllm-sync", log_dir=tmp_path,
+        )
+        gateway = Gateway([], model_name="policy", max_wait_s=120)
+        await gateway.start()
+        actor_start = asyncio.to_thread(Actor, cfg, tiny_model)
+        actor, _ = await asyncio.gather(actor_start, replica.start(600))
+        gateway.set_backends([replica.base_url])
+        sync = WeightSync(actor, [replica], gateway, weights_root=default_weights_root(), dtype="float32",
+                          bucket_bytes=4 << 20, check_threshold=1e-3)
+        try:
+            async with aiohttp.ClientSession() as session:
+                before, version = await greedy(session, gateway.url, prompt_ids)
+                assert version == 0
+                # Identical weights at the start: the check passes before any training.
+                assert (await sync.verify(probe))["vllm-sync"] < 1e-4
+
+                for _ in range(3):
+                    await asyncio.to_thread(actor.train, sft_batch(prompt_ids, target_ids, actor.batch_multiple))
+
+                # (b) the check can fail: trained weights that were never synced.
+                stale = (await sync.compare(probe))["vllm-sync"]
+                assert stale > 0.1, stale
+                with pytest.raises(SyncMismatchError, match="vllm-sync.*stale or corrupted"):
+                    await sync.verify(probe)
+
+                # (c) one request in flight when the sync starts, one sent while it runs.
+                in_flight = asyncio.create_task(greedy(session, gateway.url, prompt_ids, max_tokens=64))
+                await asyncio.sleep(0.05)
+                sync_task = asyncio.create_task(sync.sync(3, probe))
+                while not (await (await session.get(f"{gateway.url}/health")).json())["paused"]:
+                    await asyncio.sleep(0.005)
+                during = asyncio.create_task(greedy(session, gateway.url, prompt_ids))
+                report = await sync_task
+                _, in_flight_version = await in_flight
+                during_tokens, during_version = await during
+
+                # (b) small after the sync.
+                assert report.logprob_abs_diff is not None and report.logprob_abs_diff < 1e-3
+                assert report.policy_version == 3 and replica.policy_version == 3
+                assert report.bytes > 0
+                assert in_flight_version == 0
+                assert during_version == 3
+
+                # (a) the engine now continues the prompt the way the trainer was taught.
+                after, version = await greedy(session, gateway.url, prompt_ids)
+                assert version == 3
+                assert after != before
+                assert after[: len(target_ids)] == target_ids
+                assert during_tokens == after
+        finally:
+            await gateway.stop()
+            await replica.stop()
+            actor.shutdown()
+            sync.close()
+
+    asyncio.run(scenario())
