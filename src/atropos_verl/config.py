@@ -165,19 +165,67 @@ class ActorConfig:
         _require(self.num_mini_batches >= 1, "actor.num_mini_batches", "must be >= 1")
 
 
+ENGINE_KINDS = ("external", "vllm", "sglang")
+
+
 @dataclass
 class EngineConfig:
-    """Inference engines that serve the policy to environments.
+    """Inference replicas that serve the policy to environments, behind one gateway.
 
     ``external``: environments bring their own inference servers; the trainer
-    only trains (no weight sync). Engine kinds that the trainer starts and
-    syncs are added as further values of ``kind``.
+    trains and checkpoints but pushes weights nowhere. ``vllm`` / ``sglang``: the
+    trainer starts ``replicas`` servers, a gateway in front of them, and syncs
+    weights into every replica after each step.
     """
 
     kind: str = "external"
+    replicas: int = 1
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.5
+    max_model_len: int = 2048
+    # Engine compute dtype; auto follows the model's config.
+    dtype: str = "auto"
+    # Free accelerator memory while the trainer trains (colocated GPUs).
+    sleep_during_training: bool = False
+    startup_timeout: float = 900.0
+    extra_args: list[str] = field(default_factory=list)
+    gateway_host: str = "127.0.0.1"
+    # Fixed port for environments to point at (null: a free port, logged at start).
+    gateway_port: Optional[int] = None
+    # Name of the environment variable holding the gateway's bearer token (the token
+    # itself never sits in the config, so it cannot leak into logs or --cfg job).
+    api_key_env: Optional[str] = None
+    # Seconds a request may wait for a sync to finish before the gateway answers 503.
+    max_wait: float = 300.0
+    drain_timeout: float = 60.0
+    sync_bucket_mb: int = 512
+    # Mean |trainer - engine| log-prob on the probe above which the run stops (null: only log).
+    sync_check_threshold: Optional[float] = 0.05
+    sync_probe_sequences: int = 2
 
     def validate(self) -> None:
-        _require(self.kind in ("external",), "engine.kind", f"unsupported engine {self.kind!r}; available: external")
+        _require(self.kind in ENGINE_KINDS, "engine.kind", f"must be one of {ENGINE_KINDS}, got {self.kind!r}")
+        _require(self.replicas >= 1, "engine.replicas", f"must be >= 1, got {self.replicas}")
+        _require(self.tensor_parallel_size >= 1, "engine.tensor_parallel_size", "must be >= 1")
+        _require(
+            0 < self.gpu_memory_utilization <= 1, "engine.gpu_memory_utilization", "must be in (0, 1]"
+        )
+        _require(self.max_model_len >= 2, "engine.max_model_len", f"must be >= 2, got {self.max_model_len}")
+        _require(
+            self.dtype in ("auto", "float32", "bfloat16", "float16"),
+            "engine.dtype",
+            f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}",
+        )
+        _require(self.startup_timeout > 0, "engine.startup_timeout", "must be > 0")
+        _require(self.max_wait > 0, "engine.max_wait", "must be > 0")
+        _require(self.drain_timeout > 0, "engine.drain_timeout", "must be > 0")
+        _require(self.sync_bucket_mb >= 1, "engine.sync_bucket_mb", "must be >= 1")
+        _require(
+            self.sync_check_threshold is None or self.sync_check_threshold > 0,
+            "engine.sync_check_threshold",
+            "must be > 0 or null",
+        )
+        _require(self.sync_probe_sequences >= 0, "engine.sync_probe_sequences", "must be >= 0")
 
 
 @dataclass
@@ -255,6 +303,12 @@ class RunConfig:
             self.actor.ulysses_sequence_parallel_size == 1 or self.model.attn_implementation.startswith("flash_attention"),
             "actor.ulysses_sequence_parallel_size",
             f"> 1 needs model.attn_implementation=flash_attention_2 (got {self.model.attn_implementation!r})",
+        )
+        _require(
+            self.engine.kind == "external" or self.engine.max_model_len >= self.trainer.max_token_len,
+            "engine.max_model_len",
+            f"must be >= trainer.max_token_len ({self.trainer.max_token_len}) so environments can produce "
+            "sequences the trainer accepts",
         )
         _require(
             self.trainer.batch_size >= dp * self.actor.num_mini_batches,

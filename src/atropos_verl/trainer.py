@@ -31,6 +31,7 @@ from atropos_verl.batch import build_batch
 from atropos_verl.config import RunConfig
 from atropos_verl.groups import GroupLimits, GroupRejected, ScoredGroup, describe, parse_group
 from atropos_verl.metrics import MetricsLogger
+from atropos_verl.serving import InferenceService
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,13 @@ def reward_metrics(groups: list[ScoredGroup]) -> dict[str, float]:
         "reward/min": float(scores.min()),
         "reward/max": float(scores.max()),
     }
+
+
+def sync_probe(groups: list[ScoredGroup], cfg: RunConfig) -> list[list[int]]:
+    """Sequences the trainer just trained on, cut to what a replica accepts as a prompt."""
+    limit = cfg.engine.max_model_len - 1
+    sequences = [tokens[:limit] for group in groups for tokens in group.tokens]
+    return sequences[: cfg.engine.sync_probe_sequences]
 
 
 class CheckpointDir:
@@ -177,23 +185,53 @@ class Trainer:
             [b for b in cfg.trainer.logger if b != "file"],
         )
         actor: Optional[Actor] = None
+        service = InferenceService(cfg, model_path, self.run_dir) if cfg.engine.kind != "external" else None
         try:
             async with self._client() as client:
-                # Fail fast on an unreachable API before spending time on the workers.
+                # Fail fast on an unreachable API before spending time on workers and engines.
                 await client.wait_until_reachable()
-                actor = await asyncio.to_thread(Actor, cfg, model_path)
+                actor = await self._start(model_path, service)
                 if resume_step is not None:
                     await asyncio.to_thread(actor.load_checkpoint, str(self.checkpoints.step_dir(resume_step) / "actor"))
                     logger.info("resumed from %s at step %d", self.checkpoints.step_dir(resume_step), self.step)
+                if service is not None:
+                    service.attach(actor, self.step)
+                    if resume_step is not None:
+                        # Replicas started from the base weights; serve the checkpoint's instead.
+                        await service.sync(self.step, probe=[])
                 await client.register()
-                await self._train(client, actor, limits, metrics_logger)
+                await self._train(client, actor, limits, metrics_logger, service)
             return self.run_dir
         finally:
             metrics_logger.close()
+            if service is not None:
+                await service.stop()
             if actor is not None:
                 actor.shutdown()
 
-    async def _train(self, client: AtroposClient, actor: Actor, limits: GroupLimits, metrics_logger: MetricsLogger):
+    async def _start(self, model_path: str, service: Optional[InferenceService]) -> Actor:
+        """Start the policy workers and, concurrently, the inference replicas (both take a while)."""
+        results = await asyncio.gather(
+            asyncio.to_thread(Actor, self.cfg, model_path),
+            service.start() if service is not None else asyncio.sleep(0),
+            return_exceptions=True,
+        )
+        actor = results[0]
+        failure = next((r for r in results if isinstance(r, BaseException)), None)
+        if failure is not None:
+            if isinstance(actor, Actor):
+                actor.shutdown()
+            raise failure
+        return actor
+
+    async def _train(
+        self,
+        client: AtroposClient,
+        actor: Actor,
+        limits: GroupLimits,
+        metrics_logger: MetricsLogger,
+        service: Optional[InferenceService],
+    ):
         cfg = self.cfg
         rejected_since_last_step = 0
         last_saved = self.step
@@ -216,11 +254,16 @@ class Trainer:
                 use_sampling_temperature=cfg.loss.use_sampling_temperature,
                 pad_to_multiple=actor.batch_multiple,
             )
+            if service is not None:
+                await service.before_training()
             train_start = time.perf_counter()
             train_metrics = await asyncio.to_thread(actor.train, batch)
             train_s = time.perf_counter() - train_start
             self.step += 1
             self.groups_trained_total += len(validated.groups)
+            if service is not None:
+                report = await service.sync(self.step, probe=sync_probe(validated.groups, cfg))
+                train_metrics.update(report.as_metrics())
 
             metrics = {
                 **train_metrics,
