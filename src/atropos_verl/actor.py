@@ -83,11 +83,15 @@ class PolicyWorker(TrainingWorker):
         target = torch.float32 if dtype == "float32" else torch.bfloat16
         if writer:
             os.makedirs(out_dir, exist_ok=True)
+        # A tied output projection is the input embedding: engines and HF loaders re-tie it,
+        # and writing both names would store the same tensor twice.
+        hf_config = self.model_config.hf_config
+        tied = getattr(getattr(hf_config, "get_text_config", lambda: hf_config)(), "tie_word_embeddings", False)
         per_tensor, _ = self.engine.get_per_tensor_param()
         bucket: dict[str, torch.Tensor] = {}
         bucket_size = total_bytes = files = tensors = 0
         for name, tensor in per_tensor:
-            if not writer:
+            if not writer or (tied and name == "lm_head.weight"):
                 continue
             value = tensor.detach().to("cpu", dtype=target if tensor.is_floating_point() else tensor.dtype).contiguous()
             bucket[name] = value

@@ -1,7 +1,9 @@
 """A real atroposlib ``BaseEnv`` that samples the policy through an inference server.
 
 Each item asks for a short completion of a fixed chat prompt; a completion scores
-the fraction of its tokens with an even id. The reward depends only on tokens the
+the fraction of its tokens with an even id. With ``server_type vllm`` (or ``sglang``)
+it uses ``ManagedServer`` for exact tokens and sampler log-probs; with ``openai`` it
+gets text from chat completions and tokenizes the chat itself. The reward depends only on tokens the
 policy chose, so advantage-weighted training can raise it, and the groups carry
 exact tokens, masks and ``inference_logprobs`` from ``ManagedServer``. Run with::
 
@@ -45,7 +47,7 @@ class ParityEnv(BaseEnv):
             ensure_scores_are_not_same=False,
             wandb_name=cls.name,
         )
-        server = APIServerConfig(base_url="http://127.0.0.1:9000/v1", model_name="policy", server_type="vllm", api_key="")
+        server = APIServerConfig(base_url="http://127.0.0.1:9000/v1", model_name="policy", server_type="vllm", api_key="unused")
         return config, [server]
 
     async def setup(self):
@@ -55,6 +57,8 @@ class ParityEnv(BaseEnv):
         return PROMPT
 
     async def collect_trajectories(self, item):
+        if self.server.servers[0].config.server_type == "openai":
+            return await self._collect_via_chat(item), []
         prompt = self.tokenizer.apply_chat_template(item, tokenize=False, add_generation_prompt=True)
         async with self.server.managed_server(tokenizer=self.tokenizer) as managed:
             await managed.completion(
@@ -73,6 +77,26 @@ class ParityEnv(BaseEnv):
             group["scores"].append(parity_score(completion))
         group["generation_params"] = {"temperature": self.config.temperature}
         return group, []
+
+    async def _collect_via_chat(self, messages):
+        """The OpenAI server type gives text only: tokenize the chat here, as such environments do.
+
+        (atroposlib's tokenize_for_trainer returns a BatchEncoding under transformers 5,
+        so the ids are taken from apply_chat_template directly.)
+        """
+        completion = await self.server.chat_completion(
+            messages=messages, n=self.config.group_size, max_tokens=self.config.max_new_tokens,
+            temperature=self.config.temperature,
+        )
+        prefix = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+        group = ScoredDataGroup(tokens=[], masks=[], scores=[])
+        for choice in completion.choices:
+            chat = messages + [{"role": "assistant", "content": choice.message.content or ""}]
+            tokens = list(self.tokenizer.apply_chat_template(chat, return_dict=False))
+            group["tokens"].append(tokens)
+            group["masks"].append([-100] * len(prefix) + tokens[len(prefix):])
+            group["scores"].append(parity_score(tokens[len(prefix):]))
+        return group
 
     async def evaluate(self, *args, **kwargs):
         return None
