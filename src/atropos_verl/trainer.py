@@ -7,6 +7,7 @@ Read :meth:`Trainer.run` top to bottom; each stage lives in its own module:
     advantages       per-token advantages (env-given, or from scores)
     batch            pack into verl's no-padding TensorDict (shifted layout)
     actor            verl FSDP2 TrainingWorkers run the advantage-weighted token loss
+    serving          (engine=vllm|sglang) replicas + gateway; weights synced and proven after each step
     metrics          metrics.jsonl + verl Tracking
 """
 

@@ -33,7 +33,7 @@ from atroposlib.envs.server_handling.server_manager import ServerManager
 from atroposlib.envs.server_handling.sglang_server import SGLangServer
 from atroposlib.envs.server_handling.vllm_server import VLLMServer
 
-from atropos_verl.atropos import free_port
+from atropos_verl.netutil import free_port
 from atropos_verl.gateway import Gateway
 
 pytestmark = pytest.mark.integration

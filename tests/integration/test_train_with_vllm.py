@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from atropos_verl.atropos import free_port
+from atropos_verl.netutil import free_port
 from atropos_verl.metrics import read_metrics
 
 pytestmark = pytest.mark.integration

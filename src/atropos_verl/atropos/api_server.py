@@ -19,6 +19,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
+from atropos_verl.netutil import bind_probe, free_port, log_tail
+
 _LOG_TAIL_LINES = 30
 _PROBE_INTERVAL_S = 0.1
 
@@ -27,35 +29,9 @@ class ApiServerStartError(RuntimeError):
     """The API server exited or never answered GET /status during start-up."""
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS reports free on `host` right now (another process may still take it)."""
-    return _bind_probe(host, 0)
-
-
-def _bind_probe(host: str, port: int) -> int:
-    with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
-        # uvicorn binds with SO_REUSEADDR too: TIME_WAIT leftovers are no conflict, a listener is.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        bound: int = sock.getsockname()[1]
-        return bound
-
-
-def _family(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
-
-
 def _connect_host(host: str) -> str:
     # A wildcard bind address is not something a client can connect to.
     return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
-
-
-def _log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
-    try:
-        with path.open("r", encoding="utf-8", errors="replace") as fh:
-            return "".join(deque(fh, maxlen=lines)).rstrip() or "<log is empty>"
-    except OSError as exc:
-        return f"<log unreadable: {exc!r}>"
 
 
 @dataclass
@@ -87,7 +63,7 @@ class ApiServerProcess:
         else:
             # Otherwise the readiness probe could be answered by whatever already listens there.
             try:
-                _bind_probe(host, port)
+                bind_probe(host, port)
             except OSError as exc:
                 raise ApiServerStartError(f"cannot start the Atropos API on {host}:{port}: {exc}") from exc
         owns_log = log_path is None
@@ -152,14 +128,14 @@ class ApiServerProcess:
             if code is not None:
                 raise ApiServerStartError(
                     f"Atropos API server (pid {self.pid}, {self.url}) exited with status {code} "
-                    f"during start-up; last lines of {self.log_path}:\n{_log_tail(self.log_path)}"
+                    f"during start-up; last lines of {self.log_path}:\n{log_tail(self.log_path, _LOG_TAIL_LINES)}"
                 )
             if answered:
                 return
             if time.monotonic() >= deadline:
                 raise ApiServerStartError(
                     f"Atropos API server (pid {self.pid}) did not answer GET {self.url}/status within "
-                    f"{ready_timeout_s}s; last lines of {self.log_path}:\n{_log_tail(self.log_path)}"
+                    f"{ready_timeout_s}s; last lines of {self.log_path}:\n{log_tail(self.log_path, _LOG_TAIL_LINES)}"
                 )
             time.sleep(_PROBE_INTERVAL_S)
 

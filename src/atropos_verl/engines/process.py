@@ -11,18 +11,16 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import tempfile
 import time
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 import aiohttp
 
-from atropos_verl.atropos import free_port
+from atropos_verl.netutil import free_port, log_tail, port_is_free
 from atropos_verl.engines.base import EngineError
 
 logger = logging.getLogger(__name__)
@@ -32,26 +30,6 @@ _PROBE_INTERVAL_S = 0.25
 _EXIT_POLL_S = 0.05
 _HEALTH_TIMEOUT_S = 2.0
 _ERROR_BODY_CHARS = 2000
-
-
-def port_is_free(host: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        # Servers bind with SO_REUSEADDR too: TIME_WAIT leftovers are no conflict, a listener is.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-        return True
-
-
-def log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
-    try:
-        with path.open("r", encoding="utf-8", errors="replace") as fh:
-            return "".join(deque(fh, maxlen=lines)).rstrip() or "<log is empty>"
-    except OSError as exc:
-        return f"<log unreadable: {exc!r}>"
 
 
 class ServerProcess:
@@ -153,7 +131,7 @@ class ServerProcess:
     def tail(self) -> str:
         if self.log_path is None:
             return "<no log>"
-        return f"last lines of {self.log_path}:\n{log_tail(self.log_path)}"
+        return f"last lines of {self.log_path}:\n{log_tail(self.log_path, _LOG_TAIL_LINES)}"
 
     def exit_status(self) -> str | None:
         """How the server exited, or None while it runs.

@@ -71,6 +71,7 @@ class VLLMReplica(InferenceReplica):
         self.policy_version = 0
         self._spec = spec
         self._pause_mode: PauseMode = pause_mode
+        self._labels_weights = True
         # control_timeout_s covers a ``wait``-mode pause draining long generations and a large reload.
         self._server = ServerProcess(f"vLLM replica {name!r}", spec.host, spec.port, log_dir, name, control_timeout_s)
 
@@ -172,17 +173,30 @@ class VLLMReplica(InferenceReplica):
                 f"{exc}\nThe replica may hold a mix of old and new weights: load again or restart it."
             ) from exc
         reset = await self._server.request("POST", "/reset_prefix_cache", params={"reset_running_requests": "true"})
-        if not isinstance(reset, dict) or reset.get("success") is not True:
+        # vLLM 0.32 answers {"success": bool}; 0.24 answers 200 with an empty body.
+        if isinstance(reset, dict) and reset.get("success") is not True:
             raise EngineError(f"{self}: prefix cache not reset after loading {path}: {reset!r}")
         await self._set_weight_version(version)
         self.policy_version = version
         logger.info("%s: loaded policy version %d from %s in %.3fs", self, version, path, time.perf_counter() - started)
 
     async def _set_weight_version(self, version: int) -> None:
-        await self._server.request("POST", "/update_weight_version", body={"new_version": str(version)})
+        # Only a label (the gateway stamps the authoritative version); vLLM 0.24, the GPU
+        # version verl pins, has no such route, so its absence is not an error.
+        if not self._labels_weights:
+            return
+        try:
+            await self._server.request("POST", "/update_weight_version", body={"new_version": str(version)})
+        except EngineError as exc:
+            if "HTTP 404" not in str(exc):
+                raise
+            self._labels_weights = False
+            logger.info("%s: this vLLM has no /update_weight_version; weights are not labelled in the engine", self)
 
     async def weight_version(self) -> str:
         """The engine's own label for its weights (``str(policy_version)`` once started)."""
+        if not self._labels_weights:
+            raise EngineError(f"{self}: this vLLM does not label its weights (no /weight_info)")
         body = await self._server.request("GET", "/weight_info")
         return str(body["weight_version"])
 
