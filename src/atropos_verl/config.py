@@ -57,6 +57,9 @@ class AtroposConfig:
     max_retries: int = 5
     # A second trainer registering does not reset the API; allow wiping its state.
     reset_on_mismatch: bool = False
+    # auto: start run-api at api_url when nothing answers there (loopback URLs only);
+    # always: start it (the port must be free); never: it must already run.
+    start_api: str = "auto"
     wandb_group: str = "atropos-verl"
     wandb_project: str = "atropos-verl"
 
@@ -72,6 +75,11 @@ class AtroposConfig:
         )
         _require(self.batch_timeout is None or self.batch_timeout > 0, "atropos.batch_timeout", "must be > 0 or null")
         _require(self.max_retries >= 0, "atropos.max_retries", f"must be >= 0, got {self.max_retries}")
+        _require(
+            self.start_api in ("auto", "always", "never"),
+            "atropos.start_api",
+            f"must be auto, always or never, got {self.start_api!r}",
+        )
 
 
 NORMALIZATIONS = ("group", "batch", "none")
@@ -192,6 +200,10 @@ class EngineConfig:
     gateway_host: str = "127.0.0.1"
     # Fixed port for environments to point at (null: a free port, logged at start).
     gateway_port: Optional[int] = None
+    # More ports the gateway also answers on. An environment whose config_init returns a
+    # single APIServerConfig ignores its base_url and calls localhost:9004-9007 (an
+    # atroposlib quirk): [9004, 9005, 9006, 9007] serves it unmodified.
+    gateway_extra_ports: list[int] = field(default_factory=list)
     # Name of the environment variable holding the gateway's bearer token (the token
     # itself never sits in the config, so it cannot leak into logs or --cfg job).
     api_key_env: Optional[str] = None
@@ -228,14 +240,64 @@ class EngineConfig:
         _require(self.sync_probe_sequences >= 0, "engine.sync_probe_sequences", "must be >= 0")
 
 
+ENV_SERVER_TYPES = ("vllm", "sglang", "openai")
+
+
+@dataclass
+class EnvSpec:
+    """One Atropos environment the trainer starts and supervises.
+
+    It runs as ``python -m <module> serve ...`` (or ``python <script> serve ...``)
+    with the API URL, tokenizer, and (when the trainer runs the engines) the
+    gateway URL, model name and server type injected as ``--env.*`` /
+    ``--openai.*`` flags; ``args`` are appended last, so they win.
+    """
+
+    name: str = "env"
+    module: Optional[str] = None
+    script: Optional[str] = None
+    args: list[str] = field(default_factory=list)
+    replicas: int = 1
+    # What the environment's inference client speaks (its APIServerConfig.server_type).
+    server_type: str = "vllm"
+
+    def validate(self, key: str) -> None:
+        _require(bool(self.name), f"{key}.name", "must not be empty")
+        _require(
+            (self.module is None) != (self.script is None),
+            key,
+            f"environment {self.name!r} needs exactly one of module or script",
+        )
+        _require(self.replicas >= 1, f"{key}.replicas", f"must be >= 1, got {self.replicas}")
+        _require(
+            self.server_type in ENV_SERVER_TYPES,
+            f"{key}.server_type",
+            f"must be one of {ENV_SERVER_TYPES}, got {self.server_type!r}",
+        )
+
+
 @dataclass
 class DataConfig:
-    """Where scored groups come from. ``atropos``: environments connected to atropos.api_url."""
+    """Where scored groups come from: environments connected to atropos.api_url.
+
+    ``envs`` lists environments the trainer starts itself; others may connect on their own.
+    """
 
     source: str = "atropos"
+    envs: list[EnvSpec] = field(default_factory=list)
+    # An environment that exits is restarted after restart_backoff x 2^n seconds, at most
+    # max_restarts times in a row (a run of healthy uptime resets the count).
+    max_restarts: int = 5
+    restart_backoff: float = 2.0
 
     def validate(self) -> None:
         _require(self.source == "atropos", "data.source", f"unsupported source {self.source!r}; available: atropos")
+        for index, env in enumerate(self.envs):
+            env.validate(f"data.envs[{index}]")
+        names = [env.name for env in self.envs]
+        _require(len(set(names)) == len(names), "data.envs", f"environment names must be unique, got {names}")
+        _require(self.max_restarts >= 0, "data.max_restarts", "must be >= 0")
+        _require(self.restart_backoff > 0, "data.restart_backoff", "must be > 0")
 
 
 @dataclass
@@ -260,6 +322,8 @@ class TrainerConfig:
     max_ckpt_to_keep: Optional[int] = None
     # auto: continue from the latest checkpoint in run_dir if there is one; disable: start fresh.
     resume: str = "auto"
+    # A live progress bar per step (off in logs and tests).
+    progress_bar: bool = True
     seed: int = 1
 
     def validate(self) -> None:

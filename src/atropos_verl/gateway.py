@@ -182,10 +182,13 @@ class Gateway:
         api_key: str | None = None,
         max_wait_s: float = 120.0,
         request_timeout_s: float = 600.0,
+        extra_ports: list[int] | None = None,
     ) -> None:
         self._model_name = model_name
         self._host = host
         self._requested_port = port
+        # Same app on more ports of the same host (see EngineConfig.gateway_extra_ports).
+        self._extra_ports = list(extra_ports or [])
         # atroposlib's configs use "" for "no key", so an empty key means no auth too.
         self._api_key = api_key or None
         self._max_wait_s = max_wait_s
@@ -249,6 +252,8 @@ class Gateway:
         await runner.setup()
         try:
             await web.TCPSite(runner, self._host, self._requested_port or 0).start()
+            for port in self._extra_ports:
+                await web.TCPSite(runner, self._host, port).start()
         except BaseException:
             await runner.cleanup()
             await self._session.close()

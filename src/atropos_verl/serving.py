@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from atropos_verl.assets import BUILTIN_PREFIX
 from atropos_verl.config import RunConfig
 from atropos_verl.engines import EngineError, InferenceReplica, ReplicaSpec
 from atropos_verl.gateway import Gateway
@@ -39,7 +40,7 @@ def build_replicas(cfg: RunConfig, model_path: str, log_dir: Path) -> list[Infer
     for index in range(cfg.engine.replicas):
         spec = ReplicaSpec(
             model_path=model_path,
-            served_model_name=served_model_name(cfg),
+            served_model_name=served_model_name(cfg, model_path),
             dtype=dtype,
             max_model_len=cfg.engine.max_model_len,
             gpu_memory_utilization=cfg.engine.gpu_memory_utilization,
@@ -58,9 +59,13 @@ def build_replicas(cfg: RunConfig, model_path: str, log_dir: Path) -> list[Infer
     return replicas
 
 
-def served_model_name(cfg: RunConfig) -> str:
-    """Environments name the policy by the path the user gave (hub id or folder)."""
-    return cfg.model.path
+def served_model_name(cfg: RunConfig, model_path: str) -> str:
+    """Environments name the policy by what the user gave (hub id or folder); builtin models by their folder.
+
+    atroposlib clients also load their tokenizer from the model name when given none,
+    so the name must be something ``AutoTokenizer`` can open.
+    """
+    return model_path if cfg.model.path.startswith(BUILTIN_PREFIX) else cfg.model.path
 
 
 class InferenceService:
@@ -68,16 +73,19 @@ class InferenceService:
         self.cfg = cfg
         self.model_path = model_path
         self.replicas = build_replicas(cfg, model_path, run_dir / "engines")
+        self.model_name = served_model_name(cfg, model_path)
         api_key = os.environ.get(cfg.engine.api_key_env) if cfg.engine.api_key_env else None
         if cfg.engine.api_key_env and not api_key:
             raise EngineError(f"engine.api_key_env names {cfg.engine.api_key_env!r}, which is not set")
+        self.api_key = api_key
         self.gateway = Gateway(
             [],
-            model_name=served_model_name(cfg),
+            model_name=served_model_name(cfg, model_path),
             host=cfg.engine.gateway_host,
             port=cfg.engine.gateway_port,
             api_key=api_key,
             max_wait_s=cfg.engine.max_wait,
+            extra_ports=list(cfg.engine.gateway_extra_ports),
         )
         self.weight_sync: Optional[WeightSync] = None
 
@@ -85,10 +93,12 @@ class InferenceService:
     def url(self) -> str:
         return self.gateway.url
 
-    async def start(self) -> None:
-        """Start the gateway first (environments may connect early: requests wait), then the replicas."""
+    async def start_gateway(self) -> None:
+        """The gateway comes up first so environments can connect early: their requests wait for replicas."""
         await self.gateway.start()
-        logger.info("gateway for environments: %s/v1 (model %s)", self.gateway.url, served_model_name(self.cfg))
+        logger.info("gateway for environments: %s/v1 (model %s)", self.gateway.url, self.model_name)
+
+    async def start_replicas(self) -> None:
         await asyncio.gather(*(replica.start(self.cfg.engine.startup_timeout) for replica in self.replicas))
         self.gateway.set_backends([replica.base_url for replica in self.replicas])
 

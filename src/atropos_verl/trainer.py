@@ -8,7 +8,8 @@ Read :meth:`Trainer.run` top to bottom; each stage lives in its own module:
     batch            pack into verl's no-padding TensorDict (shifted layout)
     actor            verl FSDP2 TrainingWorkers run the advantage-weighted token loss
     serving          (engine=vllm|sglang) replicas + gateway; weights synced and proven after each step
-    metrics          metrics.jsonl + verl Tracking
+    launch           the Atropos API and the supervised environments, when the run starts them
+    metrics, report  metrics.jsonl + verl Tracking; progress bar, summary, curves
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import asyncio
 import json
 import logging
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +29,13 @@ import numpy as np
 from atropos_verl.actor import Actor
 from atropos_verl.advantages import token_advantages
 from atropos_verl.assets import resolve_model_path
-from atropos_verl.atropos import AtroposClient, TrainerRegistration
+from atropos_verl.atropos import ApiServerProcess, AtroposClient, TrainerRegistration
 from atropos_verl.batch import build_batch
 from atropos_verl.config import RunConfig
 from atropos_verl.groups import GroupLimits, GroupRejected, ScoredGroup, describe, parse_group
+from atropos_verl.launch import EnvironmentFailedError, EnvSupervisor, ensure_api
 from atropos_verl.metrics import MetricsLogger
+from atropos_verl.report import ProgressBar, finish
 from atropos_verl.serving import InferenceService
 
 logger = logging.getLogger(__name__)
@@ -74,6 +78,14 @@ def reward_metrics(groups: list[ScoredGroup]) -> dict[str, float]:
         "reward/min": float(scores.min()),
         "reward/max": float(scores.max()),
     }
+
+
+def _cancel_on_sigterm() -> None:
+    """SIGTERM unwinds the run like Ctrl-C, so every process it started is stopped."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    if task is not None:
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
 
 
 def sync_probe(groups: list[ScoredGroup], cfg: RunConfig) -> list[list[int]]:
@@ -119,6 +131,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.trainer.run_dir).resolve()
         self.checkpoints = CheckpointDir(self.run_dir / "checkpoints", cfg.trainer.max_ckpt_to_keep)
+        self.api_url = cfg.atropos.api_url
         self.step = 0
         self.groups_rejected_total = 0
         self.groups_trained_total = 0
@@ -139,7 +152,7 @@ class Trainer:
     def _client(self) -> AtroposClient:
         a = self.cfg.atropos
         return AtroposClient(
-            api_url=a.api_url,
+            api_url=self.api_url,
             registration=self._registration(),
             request_timeout_s=a.request_timeout,
             connect_deadline_s=a.timeout,
@@ -174,6 +187,7 @@ class Trainer:
 
     async def run(self) -> Path:
         cfg = self.cfg
+        started_at = time.monotonic()
         model_path = resolve_model_path(cfg.model.path)
         limits = GroupLimits(
             vocab_size=vocab_size_of(model_path, cfg.model.trust_remote_code), max_token_len=cfg.trainer.max_token_len
@@ -185,12 +199,29 @@ class Trainer:
             cfg.trainer.experiment_name,
             [b for b in cfg.trainer.logger if b != "file"],
         )
+        _cancel_on_sigterm()
+        api: Optional[ApiServerProcess] = None
         actor: Optional[Actor] = None
-        service = InferenceService(cfg, model_path, self.run_dir) if cfg.engine.kind != "external" else None
+        service: Optional[InferenceService] = None
+        envs = EnvSupervisor(cfg, self.run_dir / "envs")
         try:
+            api = await ensure_api(cfg, self.run_dir / "logs")
+            self.api_url = api.url if api is not None else cfg.atropos.api_url
+            if cfg.engine.kind != "external":
+                service = InferenceService(cfg, model_path, self.run_dir)
             async with self._client() as client:
                 # Fail fast on an unreachable API before spending time on workers and engines.
                 await client.wait_until_reachable()
+                if service is not None:
+                    await service.start_gateway()
+                # Environments load while the workers and replicas start; they wait for the
+                # trainer's registration (and the gateway for replicas) on their own.
+                envs.start(
+                    self.api_url,
+                    model_path,
+                    (service.url, service.model_name) if service is not None else None,
+                    service.api_key if service is not None else None,
+                )
                 actor = await self._start(model_path, service)
                 if resume_step is not None:
                     await asyncio.to_thread(actor.load_checkpoint, str(self.checkpoints.step_dir(resume_step) / "actor"))
@@ -201,20 +232,24 @@ class Trainer:
                         # Replicas started from the base weights; serve the checkpoint's instead.
                         await service.sync(self.step, probe=[])
                 await client.register()
-                await self._train(client, actor, limits, metrics_logger, service)
+                await self._train(client, actor, limits, metrics_logger, service, envs)
+            finish(self.run_dir, started_at)
             return self.run_dir
         finally:
+            await envs.stop()
             metrics_logger.close()
             if service is not None:
                 await service.stop()
             if actor is not None:
                 actor.shutdown()
+            if api is not None:
+                api.stop()
 
     async def _start(self, model_path: str, service: Optional[InferenceService]) -> Actor:
         """Start the policy workers and, concurrently, the inference replicas (both take a while)."""
         results = await asyncio.gather(
             asyncio.to_thread(Actor, self.cfg, model_path),
-            service.start() if service is not None else asyncio.sleep(0),
+            service.start_replicas() if service is not None else asyncio.sleep(0),
             return_exceptions=True,
         )
         actor = results[0]
@@ -232,68 +267,76 @@ class Trainer:
         limits: GroupLimits,
         metrics_logger: MetricsLogger,
         service: Optional[InferenceService],
+        envs: EnvSupervisor,
     ):
         cfg = self.cfg
         rejected_since_last_step = 0
         last_saved = self.step
-        while self.step < cfg.trainer.total_training_steps:
-            wait_start = time.perf_counter()
-            raw_groups = await client.next_batch(deadline_s=cfg.atropos.batch_timeout)
-            step_start = time.perf_counter()
-            validated = validate_batch(raw_groups, self.step + 1, limits)
-            rejected_since_last_step += len(validated.rejected)
-            self.groups_rejected_total += len(validated.rejected)
-            if not validated.groups:
-                logger.warning("every group of the batch was rejected; waiting for the next batch")
-                continue
+        progress = ProgressBar(cfg.trainer.total_training_steps, self.step, cfg.trainer.progress_bar)
+        try:
+            while self.step < cfg.trainer.total_training_steps:
+                wait_start = time.perf_counter()
+                raw_groups = await client.next_batch(deadline_s=cfg.atropos.batch_timeout, stop=envs.failed)
+                if raw_groups is None:
+                    raise EnvironmentFailedError(envs.failure or "an environment failed")
+                step_start = time.perf_counter()
+                validated = validate_batch(raw_groups, self.step + 1, limits)
+                rejected_since_last_step += len(validated.rejected)
+                self.groups_rejected_total += len(validated.rejected)
+                if not validated.groups:
+                    logger.warning("every group of the batch was rejected; waiting for the next batch")
+                    continue
 
-            advantages, advantage_stats = token_advantages(validated.groups, cfg.advantage)
-            batch, batch_stats = build_batch(
-                validated.groups,
-                advantages,
-                reduction=cfg.loss.reduction,
-                use_sampling_temperature=cfg.loss.use_sampling_temperature,
-                pad_to_multiple=actor.batch_multiple,
-            )
-            if service is not None:
-                await service.before_training()
-            train_start = time.perf_counter()
-            train_metrics = await asyncio.to_thread(actor.train, batch)
-            train_s = time.perf_counter() - train_start
-            self.step += 1
-            self.groups_trained_total += len(validated.groups)
-            if service is not None:
-                report = await service.sync(self.step, probe=sync_probe(validated.groups, cfg))
-                train_metrics.update(report.as_metrics())
+                advantages, advantage_stats = token_advantages(validated.groups, cfg.advantage)
+                batch, batch_stats = build_batch(
+                    validated.groups,
+                    advantages,
+                    reduction=cfg.loss.reduction,
+                    use_sampling_temperature=cfg.loss.use_sampling_temperature,
+                    pad_to_multiple=actor.batch_multiple,
+                )
+                if service is not None:
+                    await service.before_training()
+                train_start = time.perf_counter()
+                train_metrics = await asyncio.to_thread(actor.train, batch)
+                train_s = time.perf_counter() - train_start
+                self.step += 1
+                self.groups_trained_total += len(validated.groups)
+                if service is not None:
+                    report = await service.sync(self.step, probe=sync_probe(validated.groups, cfg))
+                    train_metrics.update(report.as_metrics())
 
-            metrics = {
-                **train_metrics,
-                **reward_metrics(validated.groups),
-                **advantage_stats.as_metrics(),
-                **batch_stats.as_metrics(),
-                "data/groups": len(validated.groups),
-                "data/groups_rejected": rejected_since_last_step,
-                "data/groups_rejected_total": self.groups_rejected_total,
-                "timing/wait_s": step_start - wait_start,
-                "timing/train_s": train_s,
-                "timing/step_s": time.perf_counter() - step_start,
-                "perf/tokens_per_s": batch_stats.num_tokens / max(train_s, 1e-9),
-            }
-            rejected_since_last_step = 0
-            metrics_logger.log(self.step, metrics)
-            logger.info(
-                "step %d/%d loss %.4f reward %.3f adv %.3f groups %d rejected %d (%.2fs)",
-                self.step,
-                cfg.trainer.total_training_steps,
-                metrics["train/loss"],
-                metrics["reward/mean"],
-                metrics["advantage/mean"],
-                metrics["data/groups"],
-                metrics["data/groups_rejected"],
-                metrics["timing/step_s"],
-            )
-            if cfg.trainer.save_freq and self.step % cfg.trainer.save_freq == 0:
-                await asyncio.to_thread(self._save, actor)
-                last_saved = self.step
+                metrics = {
+                    **train_metrics,
+                    **reward_metrics(validated.groups),
+                    **advantage_stats.as_metrics(),
+                    **batch_stats.as_metrics(),
+                    "data/groups": len(validated.groups),
+                    "data/groups_rejected": rejected_since_last_step,
+                    "data/groups_rejected_total": self.groups_rejected_total,
+                    "timing/wait_s": step_start - wait_start,
+                    "timing/train_s": train_s,
+                    "timing/step_s": time.perf_counter() - step_start,
+                    "perf/tokens_per_s": batch_stats.num_tokens / max(train_s, 1e-9),
+                }
+                rejected_since_last_step = 0
+                metrics_logger.log(self.step, metrics)
+                progress.update(metrics, (await client.status()).queue_size if cfg.trainer.progress_bar else None)
+                logger.info(
+                    "step %d/%d loss %.4f reward %.3f adv %.3f groups %d rejected %d (%.2fs)",
+                    self.step,
+                    cfg.trainer.total_training_steps,
+                    metrics["train/loss"],
+                    metrics["reward/mean"],
+                    metrics["advantage/mean"],
+                    metrics["data/groups"],
+                    metrics["data/groups_rejected"],
+                    metrics["timing/step_s"],
+                )
+                if cfg.trainer.save_freq and self.step % cfg.trainer.save_freq == 0:
+                    await asyncio.to_thread(self._save, actor)
+                    last_saved = self.step
+        finally:
+            progress.close()
         if last_saved != self.step:
             await asyncio.to_thread(self._save, actor)

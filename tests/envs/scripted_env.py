@@ -85,6 +85,11 @@ def trained_tokens_per_sequence(tokenizer) -> int:
 
 class ScriptedEnvConfig(BaseEnvConfig):
     vocab_size: int = Field(default=49152, description="Vocabulary size, to build the invalid group")
+    pattern: str = Field(
+        default="mixed",
+        description="mixed: invalid, then score/token groups alternating (see module doc); "
+        "score: only identical score groups, so every batch is the same",
+    )
 
 
 class ScriptedMultiTurnEnv(BaseEnv):
@@ -114,6 +119,8 @@ class ScriptedMultiTurnEnv(BaseEnv):
         return self.item
 
     async def collect_trajectories(self, item):
+        if self.config.pattern == "score":
+            return build_group(self.tokenizer, "score"), []
         while item >= 3 and self.curr_step < 1:
             await asyncio.sleep(0.05)
         if item == 1:
