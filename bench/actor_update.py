@@ -121,8 +121,29 @@ def plain_loop(model_dir: Path, groups, advantages, args) -> list[float]:
     return times, losses, peak
 
 
+def _profiling_worker():
+    """PolicyWorker plus one method: a training step under torch.profiler, returning its top-ops table."""
+    from atropos_verl.actor import PolicyWorker
+    from verl.single_controller.base.decorator import Dispatch, register
+
+    class ProfilingPolicyWorker(PolicyWorker):
+        @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+        def profile_train(self, data, rows: int = 25) -> str:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                self.train_mini_batch(data)
+                torch.cuda.synchronize()
+            by_device = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows)
+            by_host = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+            return f"-- by GPU time --\n{by_device}\n-- by CPU time --\n{by_host}"
+
+    return ProfilingPolicyWorker
+
+
 def verl_path(model_dir: Path, groups, advantages, args):
     from atropos_verl.actor import Actor
+    from verl.utils import tensordict_utils as tu
 
     cfg = RunConfig()
     cfg.trainer.device = args.device
@@ -130,12 +151,20 @@ def verl_path(model_dir: Path, groups, advantages, args):
     cfg.actor.dtype = args.dtype
     cfg.actor.lr = 1e-6
     cfg.actor.use_dynamic_bsz = args.dynamic_bsz
+    cfg.model.use_remove_padding = {"auto": None, "packed": True, "padded": False}[args.layout]
+    cfg.actor.reshard_after_forward = {"auto": None, "true": True, "false": False}[args.reshard_after_forward]
     cfg.actor.micro_batch_size_per_gpu = args.micro_batch
     cfg.actor.max_token_len_per_gpu = args.micro_batch * (args.prompt_len + args.response_len)
     cfg.validate()
-    actor = Actor(cfg, str(model_dir))
+    actor = Actor(cfg, str(model_dir), worker_cls=_profiling_worker()) if args.profile else Actor(cfg, str(model_dir))
     times, losses, peaks = [], [], []
     try:
+        if args.profile:
+            batch, _ = build_batch(groups, advantages, reduction="token-mean", use_sampling_temperature=True, pad_to_multiple=actor.batch_multiple)
+            actor.train(batch)  # warm-up
+            batch, _ = build_batch(groups, advantages, reduction="token-mean", use_sampling_temperature=True, pad_to_multiple=actor.batch_multiple)
+            tu.assign_non_tensor(batch, num_mini_batch=1, epochs=1, seed=0)
+            print(actor.workers.profile_train(batch)[0])
         for _ in range(args.steps):
             batch, _ = build_batch(groups, advantages, reduction="token-mean", use_sampling_temperature=True, pad_to_multiple=actor.batch_multiple)
             start = time.perf_counter()
@@ -175,8 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--dynamic-bsz", action="store_true", help="verl dynamic batch size (token budget = micro-batch x length)")
+    parser.add_argument("--layout", choices=["auto", "packed", "padded"], default="auto",
+                        help="micro-batch layout: verl's packed rows (remove padding) or padded rows")
     parser.add_argument("--tokenizer", type=Path, default=None)
     parser.add_argument("--skip-plain", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one verl step (CUDA)")
+    parser.add_argument("--reshard-after-forward", choices=["auto", "true", "false"], default="auto")
     args = parser.parse_args(argv)
 
     if args.tokenizer is None:

@@ -66,6 +66,9 @@ class PolicyWorker(TrainingWorker):
                 EngineRegistry.register(model_type="language_model", backend=["fsdp", "fsdp2"], device="cpu")(
                     FSDPEngineWithLMHead
                 )
+        from atropos_verl.logprobs import install
+
+        install()
         super().__init__(config)
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
@@ -119,7 +122,7 @@ def training_worker_config(cfg: RunConfig, model_path: str, device: str) -> Trai
         trust_remote_code=cfg.model.trust_remote_code,
         override_config={"attn_implementation": cfg.model.attn_implementation},
         enable_gradient_checkpointing=cfg.model.enable_gradient_checkpointing,
-        use_remove_padding=True,
+        use_remove_padding=cfg.model.remove_padding or actor.ulysses_sequence_parallel_size > 1,
         use_fused_kernels=actor.use_fused_kernels,
     )
     engine = FSDPEngineConfig(
@@ -133,6 +136,9 @@ def training_worker_config(cfg: RunConfig, model_path: str, device: str) -> Trai
         infer_micro_batch_size_per_gpu=actor.micro_batch_size_per_gpu,
         ulysses_sequence_parallel_size=actor.ulysses_sequence_parallel_size,
         fsdp_size=actor.fsdp_size,
+        reshard_after_forward=(
+            cfg.trainer.world_size > 1 if actor.reshard_after_forward is None else actor.reshard_after_forward
+        ),
         model_dtype="fp32",
         mixed_precision={"param_dtype": precision, "reduce_dtype": "fp32", "buffer_dtype": "fp32"},
         use_torch_compile=actor.use_torch_compile,
@@ -194,7 +200,7 @@ def _as_list(value: Any) -> list:
 class Actor:
     """Driver-side handle on the policy's FSDP2 workers."""
 
-    def __init__(self, cfg: RunConfig, model_path: str):
+    def __init__(self, cfg: RunConfig, model_path: str, worker_cls: type[PolicyWorker] = PolicyWorker):
         self.cfg = cfg
         self.device = resolve_device(cfg.trainer.device)
         if self.device == "cpu":
@@ -209,7 +215,7 @@ class Actor:
         )
         self.workers = RayWorkerGroup(
             resource_pool=pool,
-            ray_cls_with_init=RayClassWithInitArgs(ray.remote(PolicyWorker), config=worker_config, device=self.device),
+            ray_cls_with_init=RayClassWithInitArgs(ray.remote(worker_cls), config=worker_config, device=self.device),
             device_name=self.device,
         )
         self.workers.set_loss_fn(

@@ -34,6 +34,17 @@ class ModelConfig:
     # flash_attention_2 needs flash-attn; sdpa runs everywhere.
     attn_implementation: str = "sdpa"
     enable_gradient_checkpointing: bool = False
+    # Pack each micro-batch into one row (verl's remove padding). null = auto: on with flash
+    # attention (its varlen kernel is the fast path; Ulysses needs it), off with SDPA/eager,
+    # where packing turns causal attention into a block mask over the whole micro-batch
+    # (measured on an H100 in bench/RESULTS.md).
+    use_remove_padding: Optional[bool] = None
+
+    @property
+    def remove_padding(self) -> bool:
+        if self.use_remove_padding is None:
+            return self.attn_implementation.startswith("flash_attention")
+        return self.use_remove_padding
 
     def validate(self) -> None:
         _require(bool(self.path), "model.path", "must name a hub id, a local folder or builtin:<name>")
@@ -149,6 +160,10 @@ class ActorConfig:
     dtype: str = "bfloat16"
     ulysses_sequence_parallel_size: int = 1
     fsdp_size: int = -1
+    # FSDP2 frees gathered parameters after each layer's forward (ZeRO-3); false keeps them
+    # until backward, trading memory for fewer all-gathers. null = auto: false on a single
+    # rank (nothing is sharded, the regather is pure overhead), true otherwise.
+    reshard_after_forward: Optional[bool] = None
     param_offload: bool = False
     optimizer_offload: bool = False
     use_dynamic_bsz: bool = True
@@ -360,6 +375,11 @@ class RunConfig:
             self.trainer.world_size % self.actor.ulysses_sequence_parallel_size == 0,
             "actor.ulysses_sequence_parallel_size",
             f"must divide the world size {self.trainer.world_size} (n_gpus_per_node x nnodes)",
+        )
+        _require(
+            self.actor.ulysses_sequence_parallel_size == 1 or self.model.use_remove_padding is not False,
+            "model.use_remove_padding",
+            "must be true (or null) when actor.ulysses_sequence_parallel_size > 1",
         )
         # verl's Ulysses patch replaces the flash-attention kernel only: with SDPA or eager
         # attention each rank would attend within its own shard and train on wrong numbers.

@@ -70,11 +70,11 @@ def reference(model_path, group):
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize(
-    "ranks, max_token_len_per_gpu",
-    [(1, 4096), (1, 16), (2, 16)],
-    ids=["one-rank", "micro-batches", "two-ranks"],
+    "ranks, max_token_len_per_gpu, remove_padding",
+    [(1, 4096, True), (1, 16, True), (2, 16, True), (1, 16, False), (2, 16, False)],
+    ids=["one-rank", "micro-batches", "two-ranks", "padded-micro-batches", "padded-two-ranks"],
 )
-def test_engine_loss_and_gradient_match_reference(tiny_model, ranks, max_token_len_per_gpu):
+def test_engine_loss_and_gradient_match_reference(tiny_model, ranks, max_token_len_per_gpu, remove_padding):
     from atropos_verl.advantages import token_advantages
     from atropos_verl.config import AdvantageConfig
 
@@ -86,6 +86,7 @@ def test_engine_loss_and_gradient_match_reference(tiny_model, ranks, max_token_l
     cfg.actor.lr = 1e-12
     cfg.actor.clip_grad = 1e9
     cfg.actor.max_token_len_per_gpu = max_token_len_per_gpu
+    cfg.model.use_remove_padding = remove_padding
     cfg.validate()
 
     group = scripted_groups(vocab_size=49152)
