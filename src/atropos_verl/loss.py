@@ -137,4 +137,6 @@ def verl_policy_loss(model_output, data, dp_group=None, *, reduction: str = "tok
         if clip_ratio is not None:
             outside = ((torch.exp(detached - old_logp) - 1.0).abs() > clip_ratio).to(weight.dtype)
             metrics["actor/clip_fraction"] = (outside * weight).sum() * share
-    return loss, {key: Metric(AggregationType.SUM, value) for key, value in metrics.items()}
+        # One device-to-host copy for all of them: each .item() would synchronise on its own.
+        values = torch.stack(list(metrics.values())).tolist()
+    return loss, {key: Metric(AggregationType.SUM, value) for key, value in zip(metrics, values)}
