@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 export ATROPOS_VERL_CACHE := $(CACHE_DIR)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install models test test-unit test-slow demo clean-venv
+.PHONY: install models test test-unit test-slow faults demo clean-venv
 
 $(VENV)/.complete: $(LOCK) scripts/build_venv.sh
 	bash scripts/build_venv.sh "$(PYTHON)" "$(VENV)" "$(LOCK)"
@@ -36,6 +36,10 @@ test-unit: install
 
 test-slow: models
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+# Every fault injected into a CPU run; prints the table (fault, survived, groups lost/double-trained, recovery).
+faults: models
+	$(PY) tests/faults/run_faults.py
 
 demo: models
 	@echo "make demo: not yet. The demo trains SmolLM2 on a built-in environment and needs the"

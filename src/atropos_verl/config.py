@@ -229,6 +229,10 @@ class EngineConfig:
     # Mean |trainer - engine| log-prob on the probe above which the run stops (null: only log).
     sync_check_threshold: Optional[float] = 0.05
     sync_probe_sequences: int = 2
+    # A replica failing this many health checks in a row, health_interval seconds apart,
+    # is restarted and given the current weights before it serves again.
+    health_interval: float = 10.0
+    health_failures: int = 3
 
     def validate(self) -> None:
         _require(self.kind in ENGINE_KINDS, "engine.kind", f"must be one of {ENGINE_KINDS}, got {self.kind!r}")
@@ -253,6 +257,8 @@ class EngineConfig:
             "must be > 0 or null",
         )
         _require(self.sync_probe_sequences >= 0, "engine.sync_probe_sequences", "must be >= 0")
+        _require(self.health_interval > 0, "engine.health_interval", "must be > 0")
+        _require(self.health_failures >= 1, "engine.health_failures", "must be >= 1")
 
 
 ENV_SERVER_TYPES = ("vllm", "sglang", "openai")

@@ -99,6 +99,18 @@ def env_command(
     return cmd + list(spec.args)
 
 
+SECRET_FLAGS = ("--openai.api_key",)
+
+
+def redacted(command: list[str]) -> list[str]:
+    """The command with the values of secret flags replaced, for logs."""
+    shown = list(command)
+    for index, arg in enumerate(shown[:-1]):
+        if arg in SECRET_FLAGS and shown[index + 1] != "unused":
+            shown[index + 1] = "***"
+    return shown
+
+
 @dataclass
 class _EnvProcess:
     spec: EnvSpec
@@ -119,7 +131,7 @@ class _EnvProcess:
 
     def start(self) -> None:
         self.log_file = self.log_path.open("ab")
-        self.log_file.write(f"=== {self.label}: {' '.join(self.command)}\n".encode())
+        self.log_file.write(f"=== {self.label}: {' '.join(redacted(self.command))}\n".encode())
         self.log_file.flush()
         self.proc = subprocess.Popen(
             self.command,

@@ -88,6 +88,10 @@ class InferenceService:
             extra_ports=list(cfg.engine.gateway_extra_ports),
         )
         self.weight_sync: Optional[WeightSync] = None
+        # Syncs and restarts both reconfigure replicas; one at a time.
+        self._replica_lock = asyncio.Lock()
+        self._monitor_task: Optional[asyncio.Task] = None
+        self.replicas_restarted = 0
 
     @property
     def url(self) -> str:
@@ -125,11 +129,54 @@ class InferenceService:
 
     async def sync(self, policy_version: int, probe: list[list[int]]) -> SyncReport:
         assert self.weight_sync is not None, "attach() the trainer before syncing"
-        if self.cfg.engine.sleep_during_training:
-            await asyncio.gather(*(replica.wake_up() for replica in self.replicas))
-        return await self.weight_sync.sync(policy_version, probe)
+        async with self._replica_lock:
+            if self.cfg.engine.sleep_during_training:
+                await asyncio.gather(*(replica.wake_up() for replica in self.replicas))
+            report = await self.weight_sync.sync(policy_version, probe)
+        report.replicas_restarted = self.replicas_restarted
+        return report
+
+    def start_monitor(self) -> None:
+        """Watch replica health while the trainer runs; see :meth:`_monitor`."""
+        self._monitor_task = asyncio.create_task(self._monitor())
+
+    async def _monitor(self) -> None:
+        """Restart a replica that fails ``engine.health_failures`` checks in a row (dead or hung).
+
+        The gateway stops routing to it at once; it rejoins only after it has loaded
+        the current policy, so environments never sample a stale one. Runs while the
+        trainer waits for data too: a dead replica would otherwise starve the run.
+        """
+        failures = {replica.name: 0 for replica in self.replicas}
+        while True:
+            await asyncio.sleep(self.cfg.engine.health_interval)
+            async with self._replica_lock:
+                for replica in self.replicas:
+                    failures[replica.name] = 0 if await replica.health() else failures[replica.name] + 1
+                    if failures[replica.name] >= self.cfg.engine.health_failures:
+                        await self._restart(replica)
+                        failures[replica.name] = 0
+
+    async def _restart(self, replica: InferenceReplica) -> None:
+        logger.warning(
+            "%s failed %d health checks in a row: restarting it", replica, self.cfg.engine.health_failures
+        )
+        self.gateway.set_backends([r.base_url for r in self.replicas if r is not replica])
+        await replica.stop()
+        await replica.start(self.cfg.engine.startup_timeout)
+        if self.weight_sync is not None and self.weight_sync.current_weights is not None:
+            await replica.load_weights(str(self.weight_sync.current_weights), self.weight_sync.policy_version)
+        self.gateway.set_backends([r.base_url for r in self.replicas])
+        self.replicas_restarted += 1
+        logger.info("%s restarted and serving policy version %d", replica, replica.policy_version)
 
     async def stop(self) -> None:
+        if self._monitor_task is not None:
+            self._monitor_task.cancel()
+            try:
+                await self._monitor_task
+            except asyncio.CancelledError:
+                pass
         await self.gateway.stop()
         await asyncio.gather(*(replica.stop() for replica in self.replicas), return_exceptions=True)
         if self.weight_sync is not None:

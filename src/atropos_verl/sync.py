@@ -57,6 +57,7 @@ class SyncReport:
     bytes: float
     logprob_abs_diff: Optional[float] = None
     per_replica_diff: dict[str, float] = field(default_factory=dict)
+    replicas_restarted: int = 0
 
     def as_metrics(self) -> dict[str, float]:
         metrics = {
@@ -65,6 +66,7 @@ class SyncReport:
             "timing/sync_export_s": self.export_seconds,
             "timing/sync_swap_s": self.swap_seconds,
             "sync/bytes": self.bytes,
+            "sync/replicas_restarted": self.replicas_restarted,
         }
         if self.logprob_abs_diff is not None:
             metrics["sync/logprob_abs_diff"] = self.logprob_abs_diff
@@ -112,7 +114,7 @@ class WeightSync:
         self.check_threshold = check_threshold
         self.drain_timeout_s = drain_timeout_s
         self.policy_version = 0
-        self._current: Optional[Path] = None
+        self.current_weights: Optional[Path] = None
 
     async def sync(self, version: int, probe: list[list[int]]) -> SyncReport:
         """Push the trainer's weights as policy ``version`` (the trainer step) and check them on ``probe``."""
@@ -138,9 +140,9 @@ class WeightSync:
                 self.gate.resume(version if self._loaded_everywhere(version) else self.policy_version)
         swap_s = time.perf_counter() - swap_start
         self.policy_version = version
-        if self._current is not None:
-            shutil.rmtree(self._current, ignore_errors=True)
-        self._current = target
+        if self.current_weights is not None:
+            shutil.rmtree(self.current_weights, ignore_errors=True)
+        self.current_weights = target
 
         report = SyncReport(
             policy_version=version,

@@ -8,6 +8,7 @@ Read :meth:`Trainer.run` top to bottom; each stage lives in its own module:
     batch            pack into verl's no-padding TensorDict (shifted layout)
     actor            verl FSDP2 TrainingWorkers run the advantage-weighted token loss
     serving          (engine=vllm|sglang) replicas + gateway; weights synced and proven after each step
+    spool            every fetched batch is durable until a checkpoint covers it (replayed on resume)
     launch           the Atropos API and the supervised environments, when the run starts them
     metrics, report  metrics.jsonl + verl Tracking; progress bar, summary, curves
 """
@@ -15,11 +16,13 @@ Read :meth:`Trainer.run` top to bottom; each stage lives in its own module:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import shutil
 import signal
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -29,7 +32,7 @@ import numpy as np
 from atropos_verl.actor import Actor
 from atropos_verl.advantages import token_advantages
 from atropos_verl.assets import resolve_model_path
-from atropos_verl.atropos import ApiServerProcess, AtroposClient, TrainerRegistration
+from atropos_verl.atropos import ApiServerProcess, AtroposAPIError, AtroposClient, TrainerRegistration
 from atropos_verl.batch import build_batch
 from atropos_verl.config import RunConfig
 from atropos_verl.groups import GroupLimits, GroupRejected, ScoredGroup, describe, parse_group
@@ -37,6 +40,7 @@ from atropos_verl.launch import EnvironmentFailedError, EnvSupervisor, ensure_ap
 from atropos_verl.metrics import MetricsLogger
 from atropos_verl.report import ProgressBar, finish
 from atropos_verl.serving import InferenceService
+from atropos_verl.spool import GroupSpool
 
 logger = logging.getLogger(__name__)
 
@@ -200,6 +204,15 @@ class Trainer:
             [b for b in cfg.trainer.logger if b != "file"],
         )
         _cancel_on_sigterm()
+        spool_path = self.run_dir / "spool.sqlite"
+        if cfg.trainer.resume == "disable":
+            # A fresh start owes nothing to batches an earlier run in this folder fetched.
+            for leftover in self.run_dir.glob("spool.sqlite*"):
+                leftover.unlink()
+        spool = GroupSpool(spool_path)
+        replay = spool.start_attempt(resume_step or 0)
+        if replay:
+            logger.info("replaying %d fetched batches that no checkpoint includes", len(replay))
         api: Optional[ApiServerProcess] = None
         actor: Optional[Actor] = None
         service: Optional[InferenceService] = None
@@ -228,16 +241,18 @@ class Trainer:
                     logger.info("resumed from %s at step %d", self.checkpoints.step_dir(resume_step), self.step)
                 if service is not None:
                     service.attach(actor, self.step)
+                    service.start_monitor()
                     if resume_step is not None:
                         # Replicas started from the base weights; serve the checkpoint's instead.
                         await service.sync(self.step, probe=[])
                 await client.register()
-                await self._train(client, actor, limits, metrics_logger, service, envs)
+                await self._train(client, actor, limits, metrics_logger, service, envs, spool, replay)
             finish(self.run_dir, started_at)
             return self.run_dir
         finally:
             await envs.stop()
             metrics_logger.close()
+            spool.close()
             if service is not None:
                 await service.stop()
             if actor is not None:
@@ -260,6 +275,24 @@ class Trainer:
             raise failure
         return actor
 
+    async def _fetch(self, client: AtroposClient, envs: EnvSupervisor) -> list[dict]:
+        """The next batch, riding out API outages and restarts for up to ``atropos.batch_timeout``."""
+        deadline = self.cfg.atropos.batch_timeout
+        give_up_at = None if deadline is None else time.monotonic() + deadline
+        while True:
+            remaining = None if give_up_at is None else max(give_up_at - time.monotonic(), 0.0)
+            try:
+                raw_groups = await client.next_batch(deadline_s=remaining, stop=envs.failed)
+            except AtroposAPIError as error:
+                if give_up_at is not None and time.monotonic() >= give_up_at:
+                    raise
+                logger.warning("%s; retrying until atropos.batch_timeout", error)
+                await asyncio.sleep(min(self.cfg.atropos.max_poll_interval, 5.0))
+                continue
+            if raw_groups is None:
+                raise EnvironmentFailedError(envs.failure or "an environment failed")
+            return raw_groups
+
     async def _train(
         self,
         client: AtroposClient,
@@ -268,23 +301,29 @@ class Trainer:
         metrics_logger: MetricsLogger,
         service: Optional[InferenceService],
         envs: EnvSupervisor,
+        spool: GroupSpool,
+        replay: list[tuple[int, list[dict]]],
     ):
         cfg = self.cfg
+        pending = deque(replay)
         rejected_since_last_step = 0
         last_saved = self.step
         progress = ProgressBar(cfg.trainer.total_training_steps, self.step, cfg.trainer.progress_bar)
         try:
             while self.step < cfg.trainer.total_training_steps:
                 wait_start = time.perf_counter()
-                raw_groups = await client.next_batch(deadline_s=cfg.atropos.batch_timeout, stop=envs.failed)
-                if raw_groups is None:
-                    raise EnvironmentFailedError(envs.failure or "an environment failed")
+                if pending:
+                    batch_id, raw_groups = pending.popleft()
+                else:
+                    raw_groups = await self._fetch(client, envs)
+                    batch_id = spool.record(raw_groups)
                 step_start = time.perf_counter()
                 validated = validate_batch(raw_groups, self.step + 1, limits)
                 rejected_since_last_step += len(validated.rejected)
                 self.groups_rejected_total += len(validated.rejected)
                 if not validated.groups:
                     logger.warning("every group of the batch was rejected; waiting for the next batch")
+                    spool.mark_trained(batch_id, self.step)
                     continue
 
                 advantages, advantage_stats = token_advantages(validated.groups, cfg.advantage)
@@ -302,6 +341,9 @@ class Trainer:
                 train_s = time.perf_counter() - train_start
                 self.step += 1
                 self.groups_trained_total += len(validated.groups)
+                spool.mark_trained(batch_id, self.step)
+                # A re-registration after an API restart must resume the API's step count here.
+                client.registration = dataclasses.replace(client.registration, starting_step=self.step)
                 if service is not None:
                     report = await service.sync(self.step, probe=sync_probe(validated.groups, cfg))
                     train_metrics.update(report.as_metrics())
@@ -335,8 +377,10 @@ class Trainer:
                 )
                 if cfg.trainer.save_freq and self.step % cfg.trainer.save_freq == 0:
                     await asyncio.to_thread(self._save, actor)
+                    spool.checkpoint_committed(self.step)
                     last_saved = self.step
         finally:
             progress.close()
         if last_saved != self.step:
             await asyncio.to_thread(self._save, actor)
+            spool.checkpoint_committed(self.step)

@@ -10,87 +10,28 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
+from procs import (
+    REPO,
+    base_overrides,
+    cmdline,
+    kill_group,
+    listening,
+    processes_with_marker,
+    run_to_end,
+    spawn,
+    train_command,
+)
 
 from atropos_verl.metrics import read_metrics
 from atropos_verl.netutil import free_port
 
 pytestmark = pytest.mark.integration
-
-REPO = Path(__file__).resolve().parents[2]
-MARKER = "ATROPOS_VERL_TEST_RUN"
-
-
-def train_command(*overrides, multirun=False):
-    # Hydra's flags must precede the overrides.
-    flags = ["-m"] if multirun else []
-    return [sys.executable, "-m", "atropos_verl.train", *flags, "hydra.searchpath=[file://tests/conf]", *overrides]
-
-
-def common(tmp_path, api_port, steps):
-    return [
-        "model.path=builtin:tiny-llama",
-        f"atropos.api_url=http://127.0.0.1:{api_port}",
-        "trainer.device=cpu",
-        "trainer.batch_size=8",
-        "trainer.max_token_len=256",
-        f"trainer.total_training_steps={steps}",
-        "trainer.logger=[]",
-        "trainer.progress_bar=false",
-        "actor.dtype=float32",
-        "actor.lr=1e-3",
-    ]
-
-
-def run(cmd, log_path, marker=None, timeout=600):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    if marker:
-        env[MARKER] = marker
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
-        try:
-            proc.wait(timeout=timeout)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-    return proc.returncode, Path(log_path).read_text()
-
-
-def processes_with_marker(marker):
-    """PIDs whose environment carries the marker: everything the run started, however deep."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if f"{MARKER}={marker}".encode() in environ.split(b"\0"):
-            found.append(int(entry.name))
-    return found
-
-
-def cmdline(pid):
-    try:
-        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
-def listening(port):
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
 
 @pytest.mark.timeout(900)
 def test_whole_system_restarts_a_killed_environment_and_stops_cleanly(tmp_path):
@@ -98,7 +39,7 @@ def test_whole_system_restarts_a_killed_environment_and_stops_cleanly(tmp_path):
     marker = uuid.uuid4().hex
     run_dir = tmp_path / "run"
     cmd = train_command(
-        *common(tmp_path, api_port, steps=4),
+        *base_overrides(api_port, steps=4),
         "engine=vllm",
         "data=parity",
         # At most one batch queued ahead: the last steps need data from the restarted environment.
@@ -110,10 +51,8 @@ def test_whole_system_restarts_a_killed_environment_and_stops_cleanly(tmp_path):
         f"trainer.run_dir={run_dir}",
         f"hydra.run.dir={tmp_path / 'hydra'}",
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", MARKER: marker}
     log_path = tmp_path / "trainer.log"
-    with open(log_path, "w") as log:
-        trainer = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
+    trainer = spawn(cmd, log_path, marker)
     killed = None
     try:
         deadline = time.monotonic() + 720
@@ -128,9 +67,7 @@ def test_whole_system_restarts_a_killed_environment_and_stops_cleanly(tmp_path):
         log_text = log_path.read_text()
         assert trainer.returncode == 0, log_text[-6000:]
     finally:
-        if trainer.poll() is None:
-            os.killpg(trainer.pid, signal.SIGKILL)
-            trainer.wait()
+        kill_group(trainer)
 
     assert killed is not None
     assert "environment parity[0] exited with status -9; restarting" in log_text
@@ -156,9 +93,9 @@ def test_resume_continues_like_an_uninterrupted_run(tmp_path):
     optimizer's moments and the step counter back."""
 
     def train(run_dir, steps, name):
-        code, log = run(
+        code, log = run_to_end(
             train_command(
-                *common(tmp_path, free_port(), steps),
+                *base_overrides(free_port(), steps),
                 "data=scripted",
                 "data.envs.0.args=[--env.pattern,score]",
                 f"trainer.run_dir={run_dir}",
@@ -189,9 +126,9 @@ def test_resume_continues_like_an_uninterrupted_run(tmp_path):
 @pytest.mark.timeout(900)
 def test_multirun_sweeps_advantage_clipping(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    code, log = run(
+    code, log = run_to_end(
         train_command(
-            *common(tmp_path, free_port(), steps=2),
+            *base_overrides(free_port(), steps=2),
             "data=scripted",
             "advantage.clip=[-1.0,1.0],[-3.0,3.0]",
             f"hydra.sweep.dir={sweep_dir}",

@@ -1,0 +1,261 @@
+"""Fault injection into real CPU runs of the whole system, and the figures the fault table reports.
+
+Each scenario starts `python -m atropos_verl.train` (tiny model) with its environments,
+injects one fault at a chosen step, lets the run finish and reports: whether it
+survived (or stopped with a clear message), how many fetched groups were lost or
+trained twice in the final model's lineage (from the trainer's spool), and how long
+recovery took (from the fault to the next training step).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from procs import base_overrides, cmdline, kill_group, processes_with_marker, spawn, train_command
+
+from atropos_verl.atropos import ApiServerProcess
+from atropos_verl.metrics import read_metrics
+from atropos_verl.netutil import free_port
+from atropos_verl.spool import lineage
+
+RUN_TIMEOUT_S = 720
+
+
+@dataclass
+class FaultResult:
+    fault: str
+    injected: int
+    survived: bool
+    groups_lost: int
+    groups_double_trained: int
+    recover_s: Optional[float]
+    note: str = ""
+
+
+def _steps(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return read_metrics(path) if path.exists() and path.stat().st_size else []
+
+
+def _run_with_fault(
+    tmp: Path,
+    name: str,
+    overrides: list[str],
+    inject_after_step: int,
+    inject: Callable[[str], str],
+    steps: int,
+) -> tuple[int, str, Optional[float], str, Path]:
+    """Run, call ``inject(marker)`` once ``inject_after_step`` is logged; returns (exit code, log, recovery s, note, run dir)."""
+    run_dir = tmp / name / "run"
+    marker = uuid.uuid4().hex
+    log_path = tmp / name / "trainer.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = train_command(*overrides, f"trainer.total_training_steps={steps}", f"trainer.run_dir={run_dir}",
+                        f"hydra.run.dir={tmp / name / 'hydra'}")
+    trainer = spawn(cmd, log_path, marker)
+    injected_at = recover_s = None
+    note = ""
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while trainer.poll() is None and time.monotonic() < deadline:
+            done = len(_steps(run_dir))
+            if injected_at is None and done >= inject_after_step:
+                note = inject(marker)
+                injected_at, steps_at_injection = time.monotonic(), done
+            elif injected_at is not None and recover_s is None and done > steps_at_injection:
+                recover_s = time.monotonic() - injected_at
+            time.sleep(0.2)
+    finally:
+        kill_group(trainer)
+    return trainer.returncode, log_path.read_text(), recover_s, note, run_dir
+
+
+def _result(fault: str, injected: int, code: int, run_dir: Path, steps: int, recover_s, note: str) -> FaultResult:
+    done = len({m["step"] for m in _steps(run_dir)})
+    spool = run_dir / "spool.sqlite"
+    audit = lineage(spool) if spool.exists() else None
+    return FaultResult(
+        fault=fault,
+        injected=injected,
+        survived=code == 0 and done == steps,
+        groups_lost=audit.groups_lost if audit else -1,
+        groups_double_trained=audit.groups_double_trained if audit else -1,
+        recover_s=recover_s,
+        note=note,
+    )
+
+
+def scripted(api_port: int, extra: list[str] = (), env_args: str = "--env.pattern,score") -> list[str]:
+    """The scripted environment sending identical score groups; a checkpoint every 2 steps."""
+    return [*base_overrides(api_port, steps=1), "data=scripted", f"data.envs.0.args=[{env_args}]",
+            "trainer.save_freq=2", *extra]
+
+
+def api_restart(tmp: Path) -> FaultResult:
+    """The Atropos API dies (all its state with it) and comes back on the same port."""
+    port = free_port()
+    holder = {"api": ApiServerProcess.start(port=port, log_path=tmp / "api-restart-api-1.log")}
+
+    def inject(marker: str) -> str:
+        holder["api"].stop()
+        time.sleep(2.0)
+        holder["api"] = ApiServerProcess.start(port=port, log_path=tmp / "api-restart-api-2.log")
+        return "API stopped for 2 s and restarted empty"
+
+    try:
+        code, log, recover_s, note, run_dir = _run_with_fault(
+            tmp, "api-restart", scripted(port, ["atropos.start_api=never"]), 2, inject, steps=6
+        )
+    finally:
+        holder["api"].stop()
+    note += "; trainer re-registered" if "Registering again" in log else "; no re-registration logged"
+    return _result("API restart", 1, code, run_dir, 6, recover_s, note)
+
+
+# Groups the API accepts (its schema only checks types) but a trainer must not train on.
+BAD_GROUPS = {
+    "token id beyond the vocabulary": {"tokens": [[1, 2, 99999999]] * 4, "masks": [[-100, 2, 3]] * 4},
+    "negative token id": {"tokens": [[1, -5, 3]] * 4, "masks": [[-100, -5, 3]] * 4},
+    "masks shorter than tokens": {"tokens": [[1, 2, 3]] * 4, "masks": [[-100, 2]] * 4},
+    "empty sequence": {"tokens": [[]] * 4, "masks": [[]] * 4},
+    "every token masked": {"tokens": [[1, 2, 3]] * 4, "masks": [[-100, -100, -100]] * 4},
+    "advantages of the wrong length": {
+        "tokens": [[1, 2, 3]] * 4, "masks": [[-100, 2, 3]] * 4, "advantages": [[1.0]] * 4,
+    },
+    "sequence longer than max_token_len": {"tokens": [[5] * 300] * 4, "masks": [[5] * 300] * 4},
+}
+
+
+def _post(url: str, group: dict) -> None:
+    body = json.dumps({"scores": [1.0, 0.0, 0.5, 0.25], **group}).encode()
+    request = urllib.request.Request(f"{url}/scored_data", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10):
+        pass
+
+
+def bad_groups(tmp: Path) -> FaultResult:
+    """Malformed groups posted through the real API between the environment's good ones."""
+    port = free_port()
+    api = ApiServerProcess.start(port=port, log_path=tmp / "bad-groups-api.log")
+
+    def inject(marker: str) -> str:
+        for group in BAD_GROUPS.values():
+            _post(api.url, group)
+        return f"{len(BAD_GROUPS)} malformed groups posted"
+
+    try:
+        code, log, recover_s, note, run_dir = _run_with_fault(
+            tmp, "bad-groups", scripted(port, ["atropos.start_api=never"]), 1, inject, steps=6
+        )
+    finally:
+        api.stop()
+    rejected = _steps(run_dir)[-1].get("data/groups_rejected_total", 0) if _steps(run_dir) else 0
+    result = _result("bad groups", len(BAD_GROUPS), code, run_dir, 6, recover_s, note)
+    result.note += f"; {rejected} rejected with a reason, training continued"
+    result.survived = result.survived and rejected == len(BAD_GROUPS)
+    return result
+
+
+def env_crash(tmp: Path) -> FaultResult:
+    """An environment process is killed (SIGKILL) mid-run."""
+
+    def inject(marker: str) -> str:
+        pids = [p for p in processes_with_marker(marker) if "scripted_env.py" in cmdline(p)]
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        return f"environment pid {pids} killed"
+
+    code, log, recover_s, note, run_dir = _run_with_fault(
+        tmp, "env-crash", scripted(free_port(), env_args="--env.pattern,score,--env.max_batches_offpolicy,1"),
+        2, inject, steps=6,
+    )
+    note += "; restarted by the supervisor" if "restarted environment scripted[0]" in log else "; NOT restarted"
+    return _result("environment crash", 1, code, run_dir, 6, recover_s, note)
+
+
+def trainer_sigkill(tmp: Path) -> FaultResult:
+    """The trainer's whole process group is SIGKILLed after step 3 (checkpoint at 2), then restarted."""
+    port = free_port()
+    overrides = scripted(port)
+
+    def inject(marker: str) -> str:
+        for pid in processes_with_marker(marker):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return "trainer, Ray, API and environment SIGKILLed after step 3"
+
+    code, _, _, note, run_dir = _run_with_fault(tmp, "trainer-kill", overrides, 3, inject, steps=6)
+    killed_at = time.monotonic()
+    # Same run directory: trainer.resume=auto continues from the checkpoint and replays the spool.
+    code, log, _, _, _ = _run_with_fault(tmp, "trainer-kill", overrides, 10**6, lambda m: "", steps=6)
+    recover_s = time.monotonic() - killed_at
+    steps_after = sorted({m["step"] for m in _steps(run_dir)})
+    note += "; resumed from step 2, replayed the un-checkpointed batch" if "replaying 1 fetched" in log else "; no replay"
+    result = _result("trainer SIGKILL", 1, code, run_dir, 6, recover_s, note)
+    result.survived = result.survived and steps_after == list(range(1, 7))
+    return result
+
+
+def _replica_fault(tmp: Path, name: str, sig: signal.Signals, label: str) -> FaultResult:
+    gateway_port = free_port()
+    overrides = [
+        *base_overrides(free_port(), steps=1),
+        "engine=vllm", "data=parity", "data.envs.0.args=[--env.max_batches_offpolicy,1]",
+        "engine.dtype=float32", "engine.max_model_len=256", "engine.gpu_memory_utilization=0.4",
+        f"engine.gateway_port={gateway_port}", "engine.health_interval=2", "engine.health_failures=2",
+    ]  # fmt: skip
+
+    def inject(marker: str) -> str:
+        servers = [p for p in processes_with_marker(marker) if "vllm.entrypoints.openai.api_server" in cmdline(p)]
+        for pid in servers:
+            os.kill(pid, sig)
+        return f"vLLM server pid {servers} sent {sig.name}"
+
+    code, log, recover_s, note, run_dir = _run_with_fault(tmp, name, overrides, 1, inject, steps=4)
+    restarts = max((m.get("sync/replicas_restarted", 0) for m in _steps(run_dir)), default=0)
+    note += f"; replica restarted {restarts}x and re-synced before serving"
+    result = _result(label, 1, code, run_dir, 4, recover_s, note)
+    result.survived = result.survived and restarts >= 1
+    return result
+
+
+def replica_crash(tmp: Path) -> FaultResult:
+    """The vLLM replica's server process is SIGKILLed mid-run."""
+    return _replica_fault(tmp, "replica-crash", signal.SIGKILL, "engine replica crash")
+
+
+def replica_hang(tmp: Path) -> FaultResult:
+    """The vLLM replica's server process is frozen (SIGSTOP): it stops answering."""
+    return _replica_fault(tmp, "replica-hang", signal.SIGSTOP, "engine replica hang")
+
+
+SCENARIOS = {
+    "api_restart": api_restart,
+    "bad_groups": bad_groups,
+    "env_crash": env_crash,
+    "trainer_sigkill": trainer_sigkill,
+    "replica_crash": replica_crash,
+    "replica_hang": replica_hang,
+}
+
+
+def table(results: list[FaultResult]) -> str:
+    header = f"{'fault':<22} {'injected':>8} {'survived':>8} {'lost':>5} {'double':>6} {'recover':>8}  note"
+    lines = [header, "-" * len(header)]
+    for r in results:
+        recover = "-" if r.recover_s is None else f"{r.recover_s:.1f}s"
+        lines.append(
+            f"{r.fault:<22} {r.injected:>8} {('yes' if r.survived else 'NO'):>8} {r.groups_lost:>5} "
+            f"{r.groups_double_trained:>6} {recover:>8}  {r.note}"
+        )
+    return "\n".join(lines)
