@@ -15,7 +15,7 @@ bad group is counted and skipped instead of crashing or being silently cut.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -60,6 +60,9 @@ class ScoredGroup:
     temperatures: list[float]
     zero_advantage: list[bool]
     sft: list[bool]
+    # Numbers an environment reports about the group (``group_overrides["metrics"]``),
+    # e.g. answer correctness and format separately; the trainer logs their means as env/<name>.
+    env_metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -178,7 +181,20 @@ def parse_group(raw: Any, group_id: str, limits: GroupLimits) -> ScoredGroup:
         temperatures=[_temperature(group, o, i, group_id) for i, o in enumerate(per_sequence)],
         zero_advantage=[bool(o.get("set_advantage_to_zero", False)) for o in per_sequence],
         sft=[bool(o.get("sft", False)) for o in per_sequence],
+        env_metrics=_env_metrics(group.group_overrides),
     )
+
+
+def _env_metrics(group_overrides: Optional[dict[str, Any]]) -> dict[str, float]:
+    """Finite numbers under ``group_overrides["metrics"]``; anything else there is ignored, not fatal."""
+    reported = (group_overrides or {}).get("metrics")
+    if not isinstance(reported, dict):
+        return {}
+    return {
+        str(key): float(value)
+        for key, value in reported.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    }
 
 
 def describe(raw: Any, index: int, step: int) -> str:

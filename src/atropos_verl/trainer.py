@@ -76,12 +76,18 @@ def validate_batch(raw_groups: list[Any], step: int, limits: GroupLimits) -> Val
 
 def reward_metrics(groups: list[ScoredGroup]) -> dict[str, float]:
     scores = np.array([s for g in groups for s in g.scores], dtype=np.float64)
-    return {
+    metrics = {
         "reward/mean": float(scores.mean()),
         "reward/std": float(scores.std()),
         "reward/min": float(scores.min()),
         "reward/max": float(scores.max()),
     }
+    reported: dict[str, list[float]] = {}
+    for group in groups:
+        for key, value in group.env_metrics.items():
+            reported.setdefault(key, []).append(value)
+    metrics.update({f"env/{key}": float(np.mean(values)) for key, values in reported.items()})
+    return metrics
 
 
 def _cancel_on_sigterm() -> None:

@@ -91,3 +91,11 @@ def test_rejects_non_objects():
 def test_describe_names_env_step_and_position():
     assert describe({"env_id": 2}, 5, 9) == "env=2/step=9/group=5"
     assert describe("junk", 0, 1) == "env=?/step=1/group=0"
+
+
+def test_env_metrics_keep_finite_numbers_only():
+    raw = good_group()
+    raw["group_overrides"] = {"metrics": {"correct": 0.5, "formatted": 1, "note": "x", "bad": math.nan, "flag": True}}
+    assert parse_group(raw, "g", LIMITS).env_metrics == {"correct": 0.5, "formatted": 1.0}
+    raw["group_overrides"] = {"metrics": "not a dict"}
+    assert parse_group(raw, "g", LIMITS).env_metrics == {}
