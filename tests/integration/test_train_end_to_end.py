@@ -7,14 +7,12 @@ derived here from what the environment sends, not from the trainer's code.
 """
 
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from procs import REPO, kill_group, spawn
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -25,25 +23,8 @@ import scripted_env  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 STEPS = 4
 GRPO_EPS = 1e-6
-
-
-def start(cmd, log_path, env=None):
-    log = open(log_path, "w")
-    # A new session makes the process group ours to stop, Ray's helpers included.
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
-
-
-def stop(proc):
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=20)
 
 
 def expected_step1_loss(model_path, tokenizer):
@@ -72,7 +53,7 @@ def expected_step1_loss(model_path, tokenizer):
 def test_trainer_learns_from_a_real_environment(atropos_api, tiny_model, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     run_dir = tmp_path / "run"
-    trainer = start(
+    trainer = spawn(
         [
             sys.executable, "-m", "atropos_verl.train",
             f"model.path={tiny_model}",
@@ -92,7 +73,7 @@ def test_trainer_learns_from_a_real_environment(atropos_api, tiny_model, tmp_pat
         ],
         tmp_path / "trainer.log",
     )
-    env = start(
+    env = spawn(
         [
             sys.executable, str(REPO / "tests" / "envs" / "scripted_env.py"), "serve",
             "--env.rollout_server_url", atropos_api.url,
@@ -109,8 +90,8 @@ def test_trainer_learns_from_a_real_environment(atropos_api, tiny_model, tmp_pat
         trainer_log = (tmp_path / "trainer.log").read_text()
         assert trainer.returncode == 0, trainer_log[-5000:]
     finally:
-        stop(env)
-        stop(trainer)
+        kill_group(env)
+        kill_group(trainer)
 
     metrics = read_metrics(run_dir / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))

@@ -4,39 +4,18 @@ and after every step the weights are synced and proven.
 """
 
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from procs import REPO, kill_group, spawn
 
 from atropos_verl.netutil import free_port
 from atropos_verl.metrics import read_metrics
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 STEPS = 3
-
-
-def start(cmd, log_path):
-    log = open(log_path, "w")
-    # A new session makes the process group ours to stop, Ray's and vLLM's helpers included.
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-
-
-def stop(proc):
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
 
 
 def parity_env(server_type, api_url, gateway_url, tiny_model, groups_file):
@@ -61,7 +40,7 @@ def read_groups(path):
 def test_rl_loop_with_vllm_and_two_environments(atropos_api, tiny_model, tmp_path):
     run_dir = tmp_path / "run"
     gateway_url = f"http://127.0.0.1:{free_port()}"
-    trainer = start(
+    trainer = spawn(
         [
             sys.executable, "-m", "atropos_verl.train", "engine=vllm",
             f"model.path={tiny_model}",
@@ -85,9 +64,9 @@ def test_rl_loop_with_vllm_and_two_environments(atropos_api, tiny_model, tmp_pat
         tmp_path / "trainer.log",
     )
     envs = [
-        start(parity_env("vllm", atropos_api.url, gateway_url, tiny_model, tmp_path / "vllm_groups.jsonl"),
+        spawn(parity_env("vllm", atropos_api.url, gateway_url, tiny_model, tmp_path / "vllm_groups.jsonl"),
               tmp_path / "env_vllm.log"),
-        start(parity_env("openai", atropos_api.url, gateway_url, tiny_model, tmp_path / "openai_groups.jsonl"),
+        spawn(parity_env("openai", atropos_api.url, gateway_url, tiny_model, tmp_path / "openai_groups.jsonl"),
               tmp_path / "env_openai.log"),
     ]
     try:
@@ -100,7 +79,7 @@ def test_rl_loop_with_vllm_and_two_environments(atropos_api, tiny_model, tmp_pat
         assert trainer.returncode == 0, trainer_log[-6000:]
     finally:
         for proc in envs + [trainer]:
-            stop(proc)
+            kill_group(proc)
 
     metrics = read_metrics(run_dir / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))

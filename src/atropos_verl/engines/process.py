@@ -21,7 +21,7 @@ from typing import IO, Any
 import aiohttp
 
 from atropos_verl.netutil import free_port, log_tail, port_is_free
-from atropos_verl.engines.base import EngineError
+from atropos_verl.engines.base import EngineError, InferenceReplica, ReplicaSpec
 
 logger = logging.getLogger(__name__)
 
@@ -286,3 +286,74 @@ def require_safetensors(replica: object, weights_dir: str) -> Path:
     if not path.is_dir() or not any(path.glob("*.safetensors")):
         raise EngineError(f"{replica}: no *.safetensors files in {path}")
     return path
+
+
+class ServerReplica(InferenceReplica):
+    """An :class:`InferenceReplica` backed by one :class:`ServerProcess`.
+
+    Subclasses give the engine's name, command line and environment, and the control
+    calls; start, stop, health and the process plumbing are the same for every engine.
+    """
+
+    engine: str = "server"
+
+    def __init__(
+        self,
+        spec: ReplicaSpec,
+        name: str,
+        log_dir: str | os.PathLike[str] | None,
+        control_timeout_s: float,
+    ) -> None:
+        self.name = name
+        self.policy_version = 0
+        self._spec = spec
+        self._server = ServerProcess(
+            f"{self.engine} replica {name!r}", spec.host, spec.port, log_dir, name, control_timeout_s
+        )
+
+    def __repr__(self) -> str:
+        return repr(self._server)
+
+    __str__ = __repr__
+
+    @property
+    def base_url(self) -> str:
+        return self._server.base_url
+
+    @property
+    def pid(self) -> int | None:
+        return self._server.pid
+
+    @property
+    def log_path(self) -> Path | None:
+        return self._server.log_path
+
+    def command(self, port: int) -> list[str]:
+        raise NotImplementedError
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONUNBUFFERED"] = "1"
+        env.update(self._spec.env)
+        return env
+
+    async def start(self, timeout_s: float) -> None:
+        started = time.monotonic()
+        port = self._server.pick_port()
+        await self._server.launch(self.command(port), self.environment(), timeout_s, self.engine)
+        try:
+            await self._after_start()
+        except BaseException:
+            await self.stop()
+            raise
+        self.policy_version = 0
+        logger.info("%s: ready in %.1fs (pid %d, log %s)", self, time.monotonic() - started, self.pid, self.log_path)
+
+    async def _after_start(self) -> None:
+        """Engine-specific set-up once the server answers."""
+
+    async def health(self) -> bool:
+        return await self._server.health()
+
+    async def stop(self, timeout_s: float = 10) -> None:
+        await self._server.stop(timeout_s)

@@ -24,17 +24,18 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 
-from atropos_verl.engines.base import EngineError, InferenceReplica, ReplicaSpec
-from atropos_verl.engines.process import ServerProcess, require_safetensors
+from atropos_verl.engines.base import EngineError, ReplicaSpec
+from atropos_verl.engines.process import ServerReplica, require_safetensors
 
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "auto": "auto"}
 
 
-class SGLangReplica(InferenceReplica):
+class SGLangReplica(ServerReplica):
+    engine = "SGLang"
+
     def __init__(
         self,
         spec: ReplicaSpec,
@@ -44,27 +45,7 @@ class SGLangReplica(InferenceReplica):
     ) -> None:
         if spec.dtype not in _DTYPES:
             raise EngineError(f"SGLang replica {name!r}: unsupported dtype {spec.dtype!r}")
-        self.name = name
-        self.policy_version = 0
-        self._spec = spec
-        self._server = ServerProcess(f"SGLang replica {name!r}", spec.host, spec.port, log_dir, name, control_timeout_s)
-
-    def __repr__(self) -> str:
-        return repr(self._server)
-
-    __str__ = __repr__
-
-    @property
-    def base_url(self) -> str:
-        return self._server.base_url
-
-    @property
-    def pid(self) -> int | None:
-        return self._server.pid
-
-    @property
-    def log_path(self) -> Path | None:
-        return self._server.log_path
+        super().__init__(spec, name, log_dir, control_timeout_s)
 
     def command(self, port: int) -> list[str]:
         """The server's command line; ``spec.extra_args`` come last so their flags win."""
@@ -83,25 +64,6 @@ class SGLangReplica(InferenceReplica):
         if spec.enable_sleep_mode:
             cmd.append("--enable-memory-saver")
         return cmd + list(spec.extra_args)
-
-    def environment(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env["PYTHONUNBUFFERED"] = "1"
-        env.update(self._spec.env)
-        return env
-
-    async def start(self, timeout_s: float) -> None:
-        started = time.monotonic()
-        port = self._server.pick_port()
-        await self._server.launch(self.command(port), self.environment(), timeout_s, "SGLang")
-        self.policy_version = 0
-        logger.info("%s: ready in %.1fs (pid %d, log %s)", self, time.monotonic() - started, self.pid, self.log_path)
-
-    async def health(self) -> bool:
-        return await self._server.health()
-
-    async def stop(self, timeout_s: float = 10) -> None:
-        await self._server.stop(timeout_s)
 
     async def pause(self) -> None:
         await self._server.request("POST", "/pause_generation", body={"mode": "retract"})

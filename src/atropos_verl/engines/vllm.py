@@ -28,11 +28,10 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Literal
 
-from atropos_verl.engines.base import EngineError, InferenceReplica, ReplicaSpec
-from atropos_verl.engines.process import ServerProcess, require_safetensors
+from atropos_verl.engines.base import EngineError, ReplicaSpec
+from atropos_verl.engines.process import ServerReplica, require_safetensors
 from atropos_verl.engines.vllm_worker import ReloadWorkerExtension
 
 logger = logging.getLogger(__name__)
@@ -49,7 +48,7 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-class VLLMReplica(InferenceReplica):
+class VLLMReplica(ServerReplica):
     """A vLLM OpenAI server the trainer starts, pauses, reloads and stops.
 
     ``pause()`` uses ``pause_mode`` (default ``keep``): in-flight requests are frozen, not
@@ -59,6 +58,8 @@ class VLLMReplica(InferenceReplica):
     load, while tokens already sampled keep the old policy's log-probs.
     """
 
+    engine = "vLLM"
+
     def __init__(
         self,
         spec: ReplicaSpec,
@@ -67,30 +68,10 @@ class VLLMReplica(InferenceReplica):
         pause_mode: PauseMode = "keep",
         control_timeout_s: float = 300.0,
     ) -> None:
-        self.name = name
-        self.policy_version = 0
-        self._spec = spec
+        # control_timeout_s covers a ``wait``-mode pause draining long generations and a large reload.
+        super().__init__(spec, name, log_dir, control_timeout_s)
         self._pause_mode: PauseMode = pause_mode
         self._labels_weights = True
-        # control_timeout_s covers a ``wait``-mode pause draining long generations and a large reload.
-        self._server = ServerProcess(f"vLLM replica {name!r}", spec.host, spec.port, log_dir, name, control_timeout_s)
-
-    def __repr__(self) -> str:
-        return repr(self._server)
-
-    __str__ = __repr__
-
-    @property
-    def base_url(self) -> str:
-        return self._server.base_url
-
-    @property
-    def pid(self) -> int | None:
-        return self._server.pid
-
-    @property
-    def log_path(self) -> Path | None:
-        return self._server.log_path
 
     def command(self, port: int) -> list[str]:
         """The server's command line; ``spec.extra_args`` come last so their flags win.
@@ -118,34 +99,17 @@ class VLLMReplica(InferenceReplica):
         return cmd + list(spec.extra_args)
 
     def environment(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env["PYTHONUNBUFFERED"] = "1"
+        env = super().environment()
         if not _cuda_available():
             # Without it the CPU worker reserves gpu_memory_utilization x total RAM and
             # refuses to start when that much is not free; 1 GiB of KV cache suits tests and demos.
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        env.update(self._spec.env)
         env["VLLM_SERVER_DEV_MODE"] = "1"
         return env
 
-    async def start(self, timeout_s: float) -> None:
-        started = time.monotonic()
-        port = self._server.pick_port()
-        await self._server.launch(self.command(port), self.environment(), timeout_s, "vLLM")
-        try:
-            # Label the starting weights so /weight_info agrees with policy_version.
-            await self._set_weight_version(0)
-        except BaseException:
-            await self.stop()
-            raise
-        self.policy_version = 0
-        logger.info("%s: ready in %.1fs (pid %d, log %s)", self, time.monotonic() - started, self.pid, self.log_path)
-
-    async def health(self) -> bool:
-        return await self._server.health()
-
-    async def stop(self, timeout_s: float = 10) -> None:
-        await self._server.stop(timeout_s)
+    async def _after_start(self) -> None:
+        # Label the starting weights so /weight_info agrees with policy_version.
+        await self._set_weight_version(0)
 
     async def pause(self) -> None:
         # clear_cache would preempt kept requests and drop their KV now; load_weights
