@@ -153,7 +153,11 @@ def bad_groups(tmp: Path) -> FaultResult:
 
     try:
         code, log, recover_s, note, run_dir = _run_with_fault(
-            tmp, "bad-groups", scripted(port, ["atropos.start_api=never"]), 1, inject, steps=6
+            # The env may run at most one batch ahead, so the bad groups are queued behind at most
+            # two good batches and all reach the trainer within the run, however slow the machine.
+            tmp, "bad-groups",
+            scripted(port, ["atropos.start_api=never"], env_args="--env.pattern,score,--env.max_batches_offpolicy,1"),
+            1, inject, steps=6,
         )
     finally:
         api.stop()
