@@ -297,11 +297,17 @@ class EnvSpec:
         )
 
 
+DATASET_ENV_MODULE = "atropos_verl.envs.dataset"
+
+
 @dataclass
 class DataConfig:
     """Where scored groups come from: environments connected to atropos.api_url.
 
     ``envs`` lists environments the trainer starts itself; others may connect on their own.
+    The dataset groups (``data=gsm8k|math|hellaswag|parquet|jsonl``) start the dataset
+    environment and hand it the keys below through ``${data.*}`` in ``envs[].args``;
+    ``data=atropos`` ignores them. Empty strings and 0 mean "not set".
     """
 
     source: str = "atropos"
@@ -310,6 +316,26 @@ class DataConfig:
     # max_restarts times in a row (a run of healthy uptime resets the count).
     max_restarts: int = 5
     restart_backoff: float = 2.0
+    # Hub dataset name, or a local .jsonl/.json/.parquet file or a folder of them.
+    path: str = ""
+    split: str = "train"
+    # Held-out data scored greedily every few steps ("": no evaluation).
+    eval_path: str = ""
+    eval_split: str = "test"
+    max_prompts: int = 0
+    eval_max_prompts: int = 0
+    # Tokens: longer prompts are skipped; answers are sampled up to max_response_length.
+    max_prompt_length: Optional[int] = None
+    max_response_length: Optional[int] = None
+    # Answers per prompt; trainer.batch_size must be a multiple (the API packs whole groups).
+    group_size: Optional[int] = None
+    # verl data_source for every row (picks verl's scorer), "" for each row's own.
+    data_source: str = ""
+    # verl: verl's default_compute_score by data_source; or package.module:function.
+    reward_fn: str = "verl"
+    # Row fields holding the question and the answer ("": the usual names).
+    prompt_field: str = ""
+    answer_field: str = ""
 
     def validate(self) -> None:
         _require(self.source == "atropos", "data.source", f"unsupported source {self.source!r}; available: atropos")
@@ -319,6 +345,35 @@ class DataConfig:
         _require(len(set(names)) == len(names), "data.envs", f"environment names must be unique, got {names}")
         _require(self.max_restarts >= 0, "data.max_restarts", "must be >= 0")
         _require(self.restart_backoff > 0, "data.restart_backoff", "must be > 0")
+        _require(bool(self.split), "data.split", "must not be empty")
+        _require(bool(self.eval_split), "data.eval_split", "must not be empty")
+        _require(self.max_prompts >= 0, "data.max_prompts", f"must be >= 0 (0: all), got {self.max_prompts}")
+        _require(self.eval_max_prompts >= 0, "data.eval_max_prompts", f"must be >= 0 (0: all), got {self.eval_max_prompts}")
+        _require(
+            self.max_prompt_length is None or self.max_prompt_length >= 0,
+            "data.max_prompt_length",
+            f"must be >= 0 (0: no limit), got {self.max_prompt_length}",
+        )
+        _require(
+            self.max_response_length is None or self.max_response_length >= 1,
+            "data.max_response_length",
+            f"must be >= 1, got {self.max_response_length}",
+        )
+        _require(self.group_size is None or self.group_size >= 1, "data.group_size", f"must be >= 1, got {self.group_size}")
+        _require(
+            self.reward_fn == "verl" or ":" in self.reward_fn,
+            "data.reward_fn",
+            f"must be verl or package.module:function, got {self.reward_fn!r}",
+        )
+        for index, env in enumerate(self.envs):
+            if env.module == DATASET_ENV_MODULE and "--env.source" in env.args[:-1]:
+                # Caught here, not when the environment starts after the engines (minutes later).
+                _require(
+                    bool(env.args[env.args.index("--env.source") + 1]),
+                    "data.path",
+                    f"environment {env.name!r} (data.envs[{index}]) needs a dataset: set data.path to a hub "
+                    "dataset name or a .jsonl/.json/.parquet file or folder",
+                )
 
 
 @dataclass
@@ -404,6 +459,20 @@ class RunConfig:
             self.trainer.batch_size >= dp * self.actor.num_mini_batches,
             "trainer.batch_size",
             f"must be >= data-parallel size x actor.num_mini_batches = {dp * self.actor.num_mini_batches}",
+        )
+        data = self.data
+        if data.max_prompt_length and data.max_response_length:
+            # atroposlib drops a group holding a sequence of max_token_len tokens or more.
+            _require(
+                data.max_prompt_length + data.max_response_length < self.trainer.max_token_len,
+                "data.max_response_length",
+                f"data.max_prompt_length + data.max_response_length ({data.max_prompt_length} + "
+                f"{data.max_response_length}) must be < trainer.max_token_len ({self.trainer.max_token_len})",
+            )
+        _require(
+            data.group_size is None or self.trainer.batch_size % data.group_size == 0,
+            "data.group_size",
+            f"trainer.batch_size ({self.trainer.batch_size}) must be a multiple of data.group_size ({data.group_size})",
         )
 
 
