@@ -132,9 +132,26 @@ class InferenceService:
         async with self._replica_lock:
             if self.cfg.engine.sleep_during_training:
                 await asyncio.gather(*(replica.wake_up() for replica in self.replicas))
-            report = await self.weight_sync.sync(policy_version, probe)
+            # A replica that died since the monitor's last look would fail the sync: replace it first.
+            await self._restart_unhealthy("found unhealthy before the weight sync")
+            try:
+                report = await self.weight_sync.sync(policy_version, probe)
+            except EngineError as exc:
+                # One that failed during the sync is replaced and the sync done again, once.
+                if not await self._restart_unhealthy(f"failed during the sync of policy version {policy_version}"):
+                    raise
+                logger.warning("syncing policy version %d again after a replica failed mid-sync: %s", policy_version, exc)
+                report = await self.weight_sync.sync(policy_version, probe)
         report.replicas_restarted = self.replicas_restarted
         return report
+
+    async def _restart_unhealthy(self, reason: str) -> int:
+        """Restart every replica that fails one health check now; returns how many."""
+        healthy = await asyncio.gather(*(replica.health() for replica in self.replicas))
+        for replica, ok in zip(self.replicas, healthy):
+            if not ok:
+                await self._restart(replica, reason)
+        return healthy.count(False)
 
     def start_monitor(self) -> None:
         """Watch replica health while the trainer runs; see :meth:`_monitor`."""
@@ -154,13 +171,11 @@ class InferenceService:
                 for replica in self.replicas:
                     failures[replica.name] = 0 if await replica.health() else failures[replica.name] + 1
                     if failures[replica.name] >= self.cfg.engine.health_failures:
-                        await self._restart(replica)
+                        await self._restart(replica, f"failed {failures[replica.name]} health checks in a row")
                         failures[replica.name] = 0
 
-    async def _restart(self, replica: InferenceReplica) -> None:
-        logger.warning(
-            "%s failed %d health checks in a row: restarting it", replica, self.cfg.engine.health_failures
-        )
+    async def _restart(self, replica: InferenceReplica, reason: str) -> None:
+        logger.warning("%s %s: restarting it", replica, reason)
         self.gateway.set_backends([r.base_url for r in self.replicas if r is not replica])
         await replica.stop()
         await replica.start(self.cfg.engine.startup_timeout)

@@ -121,7 +121,9 @@ class WeightSync:
         start = time.perf_counter()
         staging = self.weights_root / f".v{version}.tmp"
         target = self.weights_root / f"v{version}"
+        # Left over when an earlier attempt at this version failed after exporting.
         shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=True)
         exported = await asyncio.to_thread(self.exporter.export_weights, str(staging), self.bucket_bytes, self.dtype)
         staging.rename(target)
         export_s = time.perf_counter() - start

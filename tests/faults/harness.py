@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 import urllib.request
@@ -204,7 +205,9 @@ def trainer_sigkill(tmp: Path) -> FaultResult:
     code, log, _, _, _ = _run_with_fault(tmp, "trainer-kill", overrides, 10**6, lambda m: "", steps=6)
     recover_s = time.monotonic() - killed_at
     steps_after = sorted({m["step"] for m in _steps(run_dir)})
-    note += "; resumed from step 2, replayed the un-checkpointed batch" if "replaying 1 fetched" in log else "; no replay"
+    # Step 3's batch, and the next one if it was fetched before the kill, are newer than the checkpoint.
+    replayed = re.search(r"replaying (\d+) fetched batches", log)
+    note += f"; resumed from step 2, replayed {replayed.group(1)} fetched batch(es)" if replayed else "; no replay"
     result = _result("trainer SIGKILL", 1, code, run_dir, 6, recover_s, note)
     result.survived = result.survived and steps_after == list(range(1, 7))
     return result
