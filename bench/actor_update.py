@@ -153,6 +153,7 @@ def verl_path(model_dir: Path, groups, advantages, args):
     cfg.actor.use_dynamic_bsz = args.dynamic_bsz
     cfg.model.use_remove_padding = {"auto": None, "packed": True, "padded": False}[args.layout]
     cfg.actor.reshard_after_forward = {"auto": None, "true": True, "false": False}[args.reshard_after_forward]
+    cfg.actor.wrap_layers = {"auto": None, "true": True, "false": False}[args.wrap_layers]
     cfg.actor.micro_batch_size_per_gpu = args.micro_batch
     cfg.actor.max_token_len_per_gpu = args.micro_batch * (args.prompt_len + args.response_len)
     cfg.validate()
@@ -210,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-plain", action="store_true")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one verl step (CUDA)")
     parser.add_argument("--reshard-after-forward", choices=["auto", "true", "false"], default="auto")
+    parser.add_argument("--wrap-layers", choices=["auto", "true", "false"], default="auto",
+                        help="one FSDP2 unit per decoder layer (true) or for the whole model (false)")
     args = parser.parse_args(argv)
 
     if args.tokenizer is None:

@@ -44,30 +44,27 @@ def resolve_device(requested: str) -> str:
 
 
 class PolicyWorker(TrainingWorker):
-    """verl's TrainingWorker, prepared to also run on the CPU platform.
+    """verl's TrainingWorker on our engine (atropos_verl.engine), prepared to also run on the CPU platform.
 
     verl builds the process group as ``cpu:gloo,<device>:<backend>``, which torch
-    rejects when the device is the CPU itself, and registers its FSDP engine for
-    accelerators only. Creating the gloo group first (verl skips its own when one
-    exists) and registering the same engine class for ``cpu`` fixes both without
-    touching verl.
+    rejects when the device is the CPU itself: creating the gloo group first (verl
+    skips its own when one exists) fixes that without touching verl. verl registers
+    its FSDP engine for accelerators only; ours is registered for whatever device
+    this worker runs on.
     """
 
     def __init__(self, config: TrainingWorkerConfig, device: str):
         if device == "cpu":
             import torch.distributed as dist
-            from verl.workers.engine import EngineRegistry, FSDPEngineWithLMHead
 
             if not dist.is_initialized():
                 dist.init_process_group(
                     backend="gloo", rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"])
                 )
-            if "cpu" not in EngineRegistry._engines.get("language_model", {}).get("fsdp2", {}):
-                EngineRegistry.register(model_type="language_model", backend=["fsdp", "fsdp2"], device="cpu")(
-                    FSDPEngineWithLMHead
-                )
+        from atropos_verl.engine import use_policy_engine
         from atropos_verl.logprobs import install
 
+        use_policy_engine()
         install()
         super().__init__(config)
 
@@ -112,10 +109,18 @@ class PolicyWorker(TrainingWorker):
         return {"bytes": float(total_bytes), "tensors": float(tensors), "files": float(files), "seconds": time.perf_counter() - start}
 
 
+# verl's wrap policy for one FSDP2 unit holding the whole model. verl builds its FSDP1 policy
+# from this too, for either strategy, and "disable" skips that; its FSDP2 path (apply_fsdp2)
+# wraps the modules whose class is listed before the root and refuses an empty list, so the
+# list names a class no module has.
+WHOLE_MODEL = {"disable": True, "transformer_layer_cls_to_wrap": ["<whole model>"]}
+
+
 def training_worker_config(cfg: RunConfig, model_path: str, device: str) -> TrainingWorkerConfig:
     """Translate our typed config into verl's engine, optimizer and model configs."""
     actor = cfg.actor
     precision = "bf16" if actor.dtype == "bfloat16" else "fp32"
+    wrap_layers = cfg.trainer.world_size > 1 if actor.wrap_layers is None else actor.wrap_layers
     model = HFModelConfig(
         path=model_path,
         tokenizer_path=cfg.model.tokenizer_path,
@@ -141,6 +146,7 @@ def training_worker_config(cfg: RunConfig, model_path: str, device: str) -> Trai
         ),
         model_dtype="fp32",
         mixed_precision={"param_dtype": precision, "reduce_dtype": "fp32", "buffer_dtype": "fp32"},
+        wrap_policy={} if wrap_layers else WHOLE_MODEL,
         use_torch_compile=actor.use_torch_compile,
         seed=actor.seed,
     )

@@ -164,6 +164,11 @@ class ActorConfig:
     # until backward, trading memory for fewer all-gathers. null = auto: false on a single
     # rank (nothing is sharded, the regather is pure overhead), true otherwise.
     reshard_after_forward: Optional[bool] = None
+    # One FSDP2 unit per decoder layer, so each layer's gather and reduce overlap the others'
+    # compute across ranks; false makes the whole model one unit. null = auto: per layer with
+    # several ranks, one unit on a single rank (nothing to overlap, and every unit's hooks cost
+    # host time at each micro-batch: measured on an H100 in bench/RESULTS.md).
+    wrap_layers: Optional[bool] = None
     param_offload: bool = False
     optimizer_offload: bool = False
     use_dynamic_bsz: bool = True

@@ -105,8 +105,6 @@ def verl_policy_loss(model_output, data, dp_group=None, *, reduction: str = "tok
     dividing by it and multiplying by ``dp_size`` (FSDP averages gradients over
     ranks) makes the accumulated gradient exactly that of the global reduction.
     """
-    from verl.utils.metric import AggregationType, Metric
-
     logp = model_output["log_probs"].values()
     weight = data["loss_mask"].values().to(logp.dtype)
     advantages = data["advantages"].values().to(logp.dtype)
@@ -125,6 +123,9 @@ def verl_policy_loss(model_output, data, dp_group=None, *, reduction: str = "tok
     # micro-batch reports its share (sum / global weight x dp_size), which verl's
     # SUM over micro-batches and mean over ranks turns into the global mean.
     # The log-prob gap to the sampler is a ratio of two such shares, formed on the driver.
+    # They stay 0-d device tensors: the engine (atropos_verl.engine.read_back) fetches them
+    # with the losses in one copy after every micro-batch's backward has been launched,
+    # instead of stalling the GPU before each backward.
     with torch.no_grad():
         share = dp_size / batch_weight
         detached = logp.detach()
@@ -137,6 +138,4 @@ def verl_policy_loss(model_output, data, dp_group=None, *, reduction: str = "tok
         if clip_ratio is not None:
             outside = ((torch.exp(detached - old_logp) - 1.0).abs() > clip_ratio).to(weight.dtype)
             metrics["actor/clip_fraction"] = (outside * weight).sum() * share
-        # One device-to-host copy for all of them: each .item() would synchronise on its own.
-        values = torch.stack(list(metrics.values())).tolist()
-    return loss, {key: Metric(AggregationType.SUM, value) for key, value in zip(metrics, values)}
+    return loss, metrics

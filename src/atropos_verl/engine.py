@@ -1,0 +1,215 @@
+"""verl's FSDP2 language-model engine with a lean padded-rows step and one read-back per mini-batch.
+
+In the padded-rows layout (SDPA attention, no remove-padding) verl 0.9.1's
+``FSDPEngineWithLMHead`` spends more host time per micro-batch than a 0.5B model
+spends on the GPU (bench/RESULTS.md): it moves the micro-batch to the device as
+nested tensors and pads them there (``.item()`` on the longest row), narrows the
+logits back into a nested tensor and concatenates them (a copy of the full
+logits), and reads the loss back with ``.item()`` before backward is launched.
+Each read-back drains the GPU, which then waits for Python.
+
+:class:`PolicyEngine` keeps everything else of verl's engine (FSDP2 module,
+optimizer, micro-batching, gradient-sync deferral, checkpoints) and changes two
+things:
+
+* the padded-rows step pads on the host, where the row lengths already are,
+  copies the rows to the device from pinned memory without waiting for the GPU,
+  and takes the log-probs of the padded logits directly; the loss receives the
+  same packed log-probs and inputs as from verl's step;
+* losses, and metrics the loss function returns as tensors, stay on the device
+  until every micro-batch's backward has been launched, then come back in one copy.
+
+Other layouts and outputs (packed rows, fused kernels, entropy, distillation,
+multi-modal inputs) go through verl's own step.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from tensordict import TensorDict
+from verl.utils import tensordict_utils as tu
+from verl.utils.dataset.dataset_utils import DatasetPadMode
+from verl.utils.device import get_device_id, get_device_name
+from verl.utils.metric import AggregationType, Metric
+from verl.workers.engine import EngineRegistry
+from verl.workers.engine.fsdp import transformer_impl
+from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
+from verl.workers.engine.utils import detach_tree
+
+# Micro-batch options whose outputs only verl's own step produces (all off by default).
+_VERL_STEP_OPTIONS = (
+    "use_fused_kernels",
+    "calculate_entropy",
+    "calculate_sum_pi_squared",
+    "distillation_use_topk",
+    "distillation_only",
+)
+
+
+def use_policy_engine() -> None:
+    """Have verl's ``EngineRegistry`` build :class:`PolicyEngine` for language models in this process.
+
+    ``TrainingWorker`` looks its engine up by device name; the entry for this
+    process' device is replaced (verl's ``register`` refuses a second class for a key).
+    """
+    backends = EngineRegistry._engines.setdefault("language_model", {})
+    for backend in ("fsdp", "fsdp2"):
+        backends.setdefault(backend, {})[get_device_name()] = PolicyEngine
+
+
+def uses_padded_rows_step(micro_batch: TensorDict) -> bool:
+    """True when the micro-batch asks for padded rows and nothing but log-probs from the model."""
+    if tu.get_non_tensor_data(micro_batch, "use_remove_padding", True):
+        return False
+    if tu.get_non_tensor_data(micro_batch, "pad_mode", DatasetPadMode.NO_PADDING) != DatasetPadMode.NO_PADDING:
+        return False
+    if any(tu.get_non_tensor_data(micro_batch, key, False) for key in _VERL_STEP_OPTIONS):
+        return False
+    return "multi_modal_inputs" not in micro_batch.keys() and micro_batch["position_ids"].dim() == 2
+
+
+class PaddedRows:
+    """Where the packed tokens of a jagged micro-batch sit in padded ``(rows, width)`` rows (host side)."""
+
+    def __init__(self, offsets: torch.Tensor):
+        lengths = offsets.diff()
+        self.rows, self.width = lengths.numel(), int(lengths.max())
+        self.real = torch.arange(self.width) < lengths.unsqueeze(1)
+        self.full = bool(self.real.all())
+        # Flat index of each packed token in the padded rows.
+        self.slots = self.real.flatten().nonzero().squeeze(1)
+
+    def pad(self, packed: torch.Tensor, fill: int | float = 0) -> torch.Tensor:
+        """Packed ``(tokens,)`` values → ``(rows, width)``, ``fill`` after each row's end."""
+        if self.full:
+            return packed.reshape(self.rows, self.width)
+        padded = packed.new_full((self.rows * self.width,), fill)
+        padded[self.slots] = packed
+        return padded.view(self.rows, self.width)
+
+
+def padded_model_inputs(micro_batch: TensorDict, rows: PaddedRows) -> dict[str, torch.Tensor]:
+    """``input_ids`` (and, where needed, ``attention_mask`` and ``position_ids``) as padded host rows.
+
+    Same inputs as verl's padded path. When no row is padded and positions count
+    from 0, the mask and positions are left out: the model assumes exactly those,
+    and without a mask Hugging Face need not read it back from the device
+    to see that it is all ones.
+    """
+    pad_token_id = tu.get_non_tensor_data(micro_batch, "pad_token_id", 0)
+    input_ids = rows.pad(micro_batch["input_ids"].values(), pad_token_id)
+    position_ids = rows.pad(micro_batch["position_ids"].values())
+    if rows.full and torch.equal(position_ids, torch.arange(rows.width).expand(rows.rows, rows.width)):
+        return {"input_ids": input_ids}
+    return {"input_ids": input_ids, "attention_mask": rows.real.to(torch.int32), "position_ids": position_ids}
+
+
+def packed_labels(input_ids: torch.Tensor) -> torch.Tensor:
+    """The label of each packed slot, as verl rolls them: token t+1, and the next row's first token
+    at a row's last slot (whose loss weight is 0)."""
+    return torch.roll(input_ids.values(), shifts=-1, dims=0)
+
+
+def _device() -> torch.device:
+    name = get_device_name()
+    return torch.device(name) if name == "cpu" else torch.device(name, get_device_id())
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cpu":
+        return tensor
+    # From pinned memory the copy is queued on the stream; from pageable memory it can wait for the GPU.
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def _batch_to_device(micro_batch: TensorDict, device: torch.device) -> TensorDict:
+    """The micro-batch with every tensor (jagged ones as values + offsets) copied to ``device``."""
+    moved = micro_batch.copy()
+    for key in micro_batch.keys():
+        value = micro_batch.get(key)
+        if not isinstance(value, torch.Tensor):
+            continue
+        if value.is_nested:
+            moved[key] = torch.nested.nested_tensor_from_jagged(
+                _to_device(value.values(), device), _to_device(value.offsets(), device)
+            )
+        else:
+            moved[key] = _to_device(value, device)
+    return moved
+
+
+def read_back(output: dict) -> dict:
+    """Losses and tensor metrics of a mini-batch's micro-batches → Python numbers, in one device-to-host copy.
+
+    A metric the loss function returns as a tensor is its micro-batch's share of
+    a mini-batch total, summed over micro-batches (``AggregationType.SUM``), as
+    :func:`atropos_verl.loss.verl_policy_loss` documents; other metrics pass through.
+    """
+    losses, metrics = output["loss"], output["metrics"]
+    deferred = [
+        key
+        for key, values in metrics.items()
+        if isinstance(values, list) and values and all(isinstance(v, torch.Tensor) for v in values)
+    ]
+    pending = [v for v in losses if isinstance(v, torch.Tensor)] + [v for key in deferred for v in metrics[key]]
+    if not pending:
+        return output
+    host = iter(torch.stack([v.detach().float().reshape(()) for v in pending]).tolist())
+    output["loss"] = [next(host) if isinstance(v, torch.Tensor) else v for v in losses]
+    for key in deferred:
+        metric = Metric(AggregationType.SUM)
+        metric.extend([next(host) for _ in metrics[key]])
+        metrics[key] = metric
+    return output
+
+
+class PolicyEngine(FSDPEngineWithLMHead):
+    """verl's FSDP engine for language models with the host-side savings described in the module docstring."""
+
+    def forward_backward_batch(self, data: TensorDict, loss_function, forward_only=False):
+        return read_back(super().forward_backward_batch(data, loss_function, forward_only))
+
+    def forward_step(self, micro_batch: TensorDict, loss_function, forward_only):
+        if not uses_padded_rows_step(micro_batch):
+            return super().forward_step(micro_batch, loss_function, forward_only)
+        device = _device()
+        input_ids = micro_batch["input_ids"]
+        rows = PaddedRows(input_ids.offsets())
+        model_inputs = {key: _to_device(value, device) for key, value in padded_model_inputs(micro_batch, rows).items()}
+        labels = _to_device(rows.pad(packed_labels(input_ids)), device)
+        slots = None if rows.full else _to_device(rows.slots, device)
+        temperature = micro_batch["temperature"]
+        unit_temperature = transformer_impl._is_scalar_unit_temperature(temperature)
+        if not unit_temperature:
+            if not isinstance(temperature, torch.Tensor):
+                temperature = torch.full((rows.rows,), float(temperature))
+            temperature = _to_device(temperature.to(torch.float32), device).view(rows.rows, 1, 1)
+        data = _batch_to_device(micro_batch, device)
+
+        autocast_dtype = getattr(self, "_autocast_dtype", torch.bfloat16)
+        autocast = (
+            nullcontext()
+            if autocast_dtype == torch.float32
+            else torch.autocast(device_type=get_device_name(), dtype=autocast_dtype)
+        )
+        with autocast:
+            logits = self.module(**model_inputs, use_cache=False).logits
+            logits = transformer_impl._scale_logits_by_temperature(
+                logits, temperature, is_unit_temperature=unit_temperature
+            )
+            # Looked up on verl's module so that atropos_verl.logprobs.install() applies.
+            log_probs = transformer_impl.logprobs_from_logits(logits=logits, labels=labels).flatten()
+            if slots is not None:
+                log_probs = log_probs.index_select(0, slots)
+            model_output = {"log_probs": torch.nested.nested_tensor_from_jagged(log_probs, data["input_ids"].offsets())}
+            if loss_function is not None:
+                loss, metrics = loss_function(
+                    model_output=model_output, data=data, dp_group=self.get_data_parallel_group()
+                )
+            else:
+                assert forward_only, "forward_only must be True when loss_function is None"
+                loss, metrics = torch.ones((), device=device), {}
+        # The loss stays on the device: read_back() fetches all of them once backward is launched.
+        return loss, {"model_output": detach_tree(model_output), "loss": loss.detach(), "metrics": metrics}
