@@ -154,6 +154,7 @@ def verl_path(model_dir: Path, groups, advantages, args):
     cfg.model.use_remove_padding = {"auto": None, "packed": True, "padded": False}[args.layout]
     cfg.actor.reshard_after_forward = {"auto": None, "true": True, "false": False}[args.reshard_after_forward]
     cfg.actor.wrap_layers = {"auto": None, "true": True, "false": False}[args.wrap_layers]
+    cfg.actor.fused_optimizer = {"auto": None, "true": True, "false": False}[args.fused_optimizer]
     cfg.actor.micro_batch_size_per_gpu = args.micro_batch
     cfg.actor.max_token_len_per_gpu = args.micro_batch * (args.prompt_len + args.response_len)
     cfg.validate()
@@ -190,6 +191,7 @@ def report(name: str, times: list[float], tokens: int, flops: float, peak_gb: fl
     peak_flops = PEAK_FLOPS[device]
     mfu = flops / step / peak_flops if peak_flops else float("nan")
     print(f"{name:<22} step {step:8.3f} s   {tokens / step:10.0f} tok/s   MFU {mfu:6.1%}   peak {peak_gb:6.1f} GiB")
+    print(f"{'':<22} steps  {' '.join(f'{t:.3f}' for t in times)}")
     return {"step_s": step, "tokens_per_s": tokens / step, "mfu": mfu, "peak_gb": peak_gb}
 
 
@@ -213,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reshard-after-forward", choices=["auto", "true", "false"], default="auto")
     parser.add_argument("--wrap-layers", choices=["auto", "true", "false"], default="auto",
                         help="one FSDP2 unit per decoder layer (true) or for the whole model (false)")
+    parser.add_argument("--fused-optimizer", choices=["auto", "true", "false"], default="auto",
+                        help="torch's fused AdamW (auto: on CUDA)")
     args = parser.parse_args(argv)
 
     if args.tokenizer is None:

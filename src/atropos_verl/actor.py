@@ -116,6 +116,12 @@ class PolicyWorker(TrainingWorker):
 WHOLE_MODEL = {"disable": True, "transformer_layer_cls_to_wrap": ["<whole model>"]}
 
 
+def uses_fused_optimizer(cfg: RunConfig, device: str) -> bool:
+    if cfg.actor.fused_optimizer is not None:
+        return cfg.actor.fused_optimizer
+    return device == "cuda" and not cfg.actor.param_offload
+
+
 def training_worker_config(cfg: RunConfig, model_path: str, device: str) -> TrainingWorkerConfig:
     """Translate our typed config into verl's engine, optimizer and model configs."""
     actor = cfg.actor
@@ -158,6 +164,7 @@ def training_worker_config(cfg: RunConfig, model_path: str, device: str) -> Trai
         lr_warmup_steps=actor.lr_warmup_steps,
         lr_scheduler_type=actor.lr_scheduler_type,
         total_training_steps=cfg.trainer.total_training_steps * actor.num_mini_batches,
+        override_optimizer_config={"fused": uses_fused_optimizer(cfg, device)},
     )
     return TrainingWorkerConfig(
         model_type="language_model",

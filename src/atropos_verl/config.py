@@ -171,6 +171,10 @@ class ActorConfig:
     wrap_layers: Optional[bool] = None
     param_offload: bool = False
     optimizer_offload: bool = False
+    # torch's fused AdamW (one kernel launch for all parameters instead of a dozen per-op
+    # launches, each through DTensor dispatch). null = auto: on CUDA unless parameters are
+    # offloaded to the CPU, where the fused kernel cannot run.
+    fused_optimizer: Optional[bool] = None
     use_dynamic_bsz: bool = True
     max_token_len_per_gpu: int = 16384
     micro_batch_size_per_gpu: int = 4
@@ -191,6 +195,11 @@ class ActorConfig:
         _require(self.max_token_len_per_gpu > 0, "actor.max_token_len_per_gpu", "must be > 0")
         _require(self.micro_batch_size_per_gpu > 0, "actor.micro_batch_size_per_gpu", "must be > 0")
         _require(self.num_mini_batches >= 1, "actor.num_mini_batches", "must be >= 1")
+        _require(
+            not (self.fused_optimizer and self.param_offload),
+            "actor.fused_optimizer",
+            "cannot be true with actor.param_offload: the fused kernel needs the parameters on the GPU",
+        )
 
 
 ENGINE_KINDS = ("external", "vllm", "sglang")

@@ -52,8 +52,19 @@ def test_seed_keys_exist():
     (["trainer.n_gpus_per_node=3", "actor.ulysses_sequence_parallel_size=2",
       "model.attn_implementation=flash_attention_2"], "actor.ulysses_sequence_parallel_size"),
     (["trainer.batch_size=2", "trainer.n_gpus_per_node=4"], "trainer.batch_size"),
+    (["actor.fused_optimizer=true", "actor.param_offload=true"], "actor.fused_optimizer"),
 ])
 def test_bad_values_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as info:
         load_config(composed(*overrides))
     assert key in str(info.value)
+
+
+def test_fused_optimizer_is_on_for_cuda_without_parameter_offload_unless_set():
+    from atropos_verl.actor import uses_fused_optimizer
+
+    assert uses_fused_optimizer(load_config(composed()), "cuda")
+    assert not uses_fused_optimizer(load_config(composed()), "cpu")
+    assert not uses_fused_optimizer(load_config(composed("actor.param_offload=true")), "cuda")
+    assert not uses_fused_optimizer(load_config(composed("actor.fused_optimizer=false")), "cuda")
+    assert uses_fused_optimizer(load_config(composed("actor.fused_optimizer=true")), "cpu")

@@ -67,3 +67,62 @@ def test_read_back_turns_tensor_metrics_into_summed_metrics_and_keeps_others():
     assert isinstance(output["metrics"]["share"], Metric)
     assert output["metrics"]["share"].aggregate() == 3.0
     assert output["metrics"]["verl"] == [3.0, 4.0]
+
+
+def _clip_on_ranks(rank: int, world_size: int, port: int, results) -> None:
+    """Each rank: the same FSDP2-sharded model, its own inputs; clip with ours and with torch's on full gradients."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from atropos_verl.engine import clip_sharded_grad_norm_
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        # An odd first dimension leaves the shards uneven (one rank holds more rows).
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+        fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
+        torch.manual_seed(100 + rank)
+        (model(torch.randn(4, 6)) ** 2).sum().backward()
+
+        full = [p.grad.full_tensor().clone() for p in model.parameters()]
+        want_norm = torch.nn.utils.get_total_norm(full)
+        for g in full:
+            g.mul_(min(1.0, 0.5 / (float(want_norm) + 1e-6)))
+        got_norm = clip_sharded_grad_norm_(model.parameters(), max_norm=0.5)
+        clipped = [p.grad.full_tensor() for p in model.parameters()]
+        results[rank] = (
+            float(want_norm),
+            float(got_norm),
+            max(float((a - b).abs().max()) for a, b in zip(full, clipped)),
+            float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in clipped]))),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_clip_on_local_shards_matches_torch_clip_on_full_gradients(world_size):
+    import torch.multiprocessing as mp
+
+    from atropos_verl.netutil import free_port
+
+    results = mp.Manager().dict()
+    mp.start_processes(_clip_on_ranks, args=(world_size, free_port(), results), nprocs=world_size, start_method="spawn")
+    for rank in range(world_size):
+        want_norm, got_norm, max_diff, clipped_norm = results[rank]
+        assert want_norm > 0.5, "the test gradients must be large enough to be clipped"
+        assert got_norm == pytest.approx(want_norm, rel=1e-6)
+        assert max_diff < 1e-6
+        assert clipped_norm == pytest.approx(0.5, rel=1e-4)
+
+
+def test_clip_leaves_unsharded_gradients_to_verl():
+    from atropos_verl.engine import clip_sharded_grad_norm_
+
+    model = torch.nn.Linear(3, 2)
+    model(torch.randn(2, 3)).sum().backward()
+    before = [p.grad.clone() for p in model.parameters()]
+    assert clip_sharded_grad_norm_(model.parameters(), max_norm=1e-3) is None
+    assert all(torch.equal(a, p.grad) for a, p in zip(before, model.parameters()))
