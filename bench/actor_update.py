@@ -148,6 +148,7 @@ def verl_path(model_dir: Path, groups, advantages, args):
     cfg = RunConfig()
     cfg.trainer.device = args.device
     cfg.trainer.total_training_steps = args.steps
+    cfg.trainer.n_gpus_per_node = args.gpus
     cfg.actor.dtype = args.dtype
     cfg.actor.lr = 1e-6
     cfg.actor.use_dynamic_bsz = args.dynamic_bsz
@@ -159,7 +160,7 @@ def verl_path(model_dir: Path, groups, advantages, args):
     cfg.actor.max_token_len_per_gpu = args.micro_batch * (args.prompt_len + args.response_len)
     cfg.validate()
     actor = Actor(cfg, str(model_dir), worker_cls=_profiling_worker()) if args.profile else Actor(cfg, str(model_dir))
-    times, losses, peaks = [], [], []
+    times, losses, peaks, grad_norms = [], [], [], []
     try:
         if args.profile:
             batch, _ = build_batch(groups, advantages, reduction="token-mean", use_sampling_temperature=True, pad_to_multiple=actor.batch_multiple)
@@ -173,9 +174,11 @@ def verl_path(model_dir: Path, groups, advantages, args):
             metrics = actor.train(batch)
             times.append(time.perf_counter() - start)
             losses.append(metrics["train/loss"])
+            grad_norms.append(metrics["train/grad_norm"])
             peaks.append(metrics.get("perf/max_memory_allocated_gb", float("nan")))
     finally:
         actor.shutdown()
+    print(f"{'':<22} grad norms {['%.4f' % x for x in grad_norms]}")
     return times, losses, max(peaks)
 
 
@@ -215,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reshard-after-forward", choices=["auto", "true", "false"], default="auto")
     parser.add_argument("--wrap-layers", choices=["auto", "true", "false"], default="auto",
                         help="one FSDP2 unit per decoder layer (true) or for the whole model (false)")
+    parser.add_argument("--gpus", type=int, default=1, help="FSDP2 ranks of the verl path (the plain loop uses one)")
     parser.add_argument("--fused-optimizer", choices=["auto", "true", "false"], default="auto",
                         help="torch's fused AdamW (auto: on CUDA)")
     args = parser.parse_args(argv)
