@@ -37,6 +37,8 @@ from typing import Any, TypeVar
 import aiohttp
 from aiohttp import web
 
+from atropos_verl.netutil import http_url
+
 logger = logging.getLogger(__name__)
 
 POLICY_VERSION_HEADER = "X-Policy-Version"
@@ -212,8 +214,7 @@ class Gateway:
     def url(self) -> str:
         if self._port is None:
             raise RuntimeError("the gateway is not running; await start() first")
-        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self._host, self._host)
-        return f"http://[{host}]:{self._port}" if ":" in host else f"http://{host}:{self._port}"
+        return http_url(self._host, self._port)
 
     @property
     def policy_version(self) -> int:

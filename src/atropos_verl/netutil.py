@@ -34,6 +34,17 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
+def connect_host(bind_host: str) -> str:
+    """Where a client reaches a server bound to ``bind_host``: a wildcard bind address is not connectable."""
+    return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(bind_host, bind_host)
+
+
+def http_url(bind_host: str, port: int) -> str:
+    """``http://host:port`` for a server bound to ``bind_host`` (IPv6 in brackets)."""
+    host = connect_host(bind_host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def log_tail(path: Path, lines: int = 40) -> str:
     try:
         with path.open("r", encoding="utf-8", errors="replace") as fh:

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from atropos_verl.netutil import bind_probe, free_port, log_tail
+from atropos_verl.netutil import bind_probe, connect_host, free_port, http_url, log_tail
 
 _LOG_TAIL_LINES = 30
 _PROBE_INTERVAL_S = 0.1
@@ -25,11 +25,6 @@ _PROBE_INTERVAL_S = 0.1
 
 class ApiServerStartError(RuntimeError):
     """The API server exited or never answered GET /status during start-up."""
-
-
-def _connect_host(host: str) -> str:
-    # A wildcard bind address is not something a client can connect to.
-    return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
 
 
 @dataclass
@@ -96,8 +91,7 @@ class ApiServerProcess:
 
     @property
     def url(self) -> str:
-        host = _connect_host(self.host)
-        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+        return http_url(self.host, self.port)
 
     @property
     def pid(self) -> int:
@@ -109,7 +103,7 @@ class ApiServerProcess:
         return self._proc.poll()
 
     def _answers_status(self) -> bool:
-        conn = http.client.HTTPConnection(_connect_host(self.host), self.port, timeout=1.0)
+        conn = http.client.HTTPConnection(connect_host(self.host), self.port, timeout=1.0)
         try:
             conn.request("GET", "/status")
             return conn.getresponse().status == 200

@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import aiohttp
 
-from atropos_verl.netutil import free_port, log_tail, port_is_free
+from atropos_verl.netutil import free_port, http_url, log_tail, port_is_free
 from atropos_verl.engines.base import EngineError, InferenceReplica, ReplicaSpec
 
 logger = logging.getLogger(__name__)
@@ -69,8 +69,7 @@ class ServerProcess:
     def base_url(self) -> str:
         if self.port is None:
             raise EngineError(f"{self.label}: no port until start() picks one")
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
-        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+        return http_url(self.host, self.port)
 
     @property
     def pid(self) -> int | None:
