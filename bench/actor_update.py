@@ -39,6 +39,8 @@ SHAPES = {
     "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2),
     "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2),
 }
+# --flag auto|true|false -> the config's null (auto) or a bool.
+AUTO_OR_BOOL = {"auto": None, "true": True, "false": False}
 VOCAB = {"tiny": None, "qwen2.5-0.5b": 151936, "qwen2.5-1.5b": 151936}
 
 
@@ -153,9 +155,9 @@ def verl_path(model_dir: Path, groups, advantages, args):
     cfg.actor.lr = 1e-6
     cfg.actor.use_dynamic_bsz = args.dynamic_bsz
     cfg.model.use_remove_padding = {"auto": None, "packed": True, "padded": False}[args.layout]
-    cfg.actor.reshard_after_forward = {"auto": None, "true": True, "false": False}[args.reshard_after_forward]
-    cfg.actor.wrap_layers = {"auto": None, "true": True, "false": False}[args.wrap_layers]
-    cfg.actor.fused_optimizer = {"auto": None, "true": True, "false": False}[args.fused_optimizer]
+    cfg.actor.reshard_after_forward = AUTO_OR_BOOL[args.reshard_after_forward]
+    cfg.actor.wrap_layers = AUTO_OR_BOOL[args.wrap_layers]
+    cfg.actor.fused_optimizer = AUTO_OR_BOOL[args.fused_optimizer]
     cfg.actor.micro_batch_size_per_gpu = args.micro_batch
     cfg.actor.max_token_len_per_gpu = args.micro_batch * (args.prompt_len + args.response_len)
     cfg.validate()
@@ -215,11 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", type=Path, default=None)
     parser.add_argument("--skip-plain", action="store_true")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one verl step (CUDA)")
-    parser.add_argument("--reshard-after-forward", choices=["auto", "true", "false"], default="auto")
-    parser.add_argument("--wrap-layers", choices=["auto", "true", "false"], default="auto",
+    parser.add_argument("--reshard-after-forward", choices=list(AUTO_OR_BOOL), default="auto")
+    parser.add_argument("--wrap-layers", choices=list(AUTO_OR_BOOL), default="auto",
                         help="one FSDP2 unit per decoder layer (true) or for the whole model (false)")
     parser.add_argument("--gpus", type=int, default=1, help="FSDP2 ranks of the verl path (the plain loop uses one)")
-    parser.add_argument("--fused-optimizer", choices=["auto", "true", "false"], default="auto",
+    parser.add_argument("--fused-optimizer", choices=list(AUTO_OR_BOOL), default="auto",
                         help="torch's fused AdamW (auto: on CUDA)")
     args = parser.parse_args(argv)
 

@@ -35,7 +35,6 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 from tensordict import TensorDict
-from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from verl.utils import tensordict_utils as tu
 from verl.utils.dataset.dataset_utils import DatasetPadMode
@@ -205,9 +204,10 @@ class PolicyEngine(FSDPEngineWithLMHead):
         return read_back(super().forward_backward_batch(data, loss_function, forward_only))
 
     def optimizer_step(self):
-        grad_norm = None
-        if getattr(self, "scaler", None) is None and not self._qat_enabled and isinstance(self.module, FSDPModule):
-            grad_norm = clip_sharded_grad_norm_(self.module.parameters(), self.optimizer_config.clip_grad)
+        # A loss scaler or QAT needs verl's step around the clip; so do gradients that are not FSDP2 shards.
+        if getattr(self, "scaler", None) is not None or self._qat_enabled:
+            return super().optimizer_step()
+        grad_norm = clip_sharded_grad_norm_(self.module.parameters(), self.optimizer_config.clip_grad)
         if grad_norm is None:
             return super().optimizer_step()
         if torch.isfinite(grad_norm):
