@@ -9,9 +9,14 @@ logits), and reads the loss back with ``.item()`` before backward is launched.
 Each read-back drains the GPU, which then waits for Python.
 
 :class:`PolicyEngine` keeps everything else of verl's engine (FSDP2 module,
-optimizer, micro-batching, gradient-sync deferral, checkpoints) and changes three
-things:
+optimizer, micro-batch partition, gradient-sync deferral, checkpoints) and
+changes four things:
 
+* micro-batches (fixed-size, or verl's token-budget partition) are taken from
+  the mini-batch one at a time (atropos_verl.rows) just before their forward,
+  and the loss normaliser is summed on the host: verl builds them all up front,
+  re-nesting every row, and reads the token count back from the device, all
+  while the GPU waits for its first kernel;
 * the padded-rows step pads on the host, where the row lengths already are,
   copies the rows to the device from pinned memory without waiting for the GPU,
   and takes the log-probs of the padded logits directly; the loss receives the
@@ -43,7 +48,9 @@ from verl.utils.metric import AggregationType, Metric
 from verl.workers.engine import EngineRegistry
 from verl.workers.engine.fsdp import transformer_impl
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
-from verl.workers.engine.utils import detach_tree
+from verl.workers.engine.utils import detach_tree, postprocess_batch_func, prepare_micro_batches
+
+from atropos_verl.rows import cuts_by_offsets, select_rows
 
 # Micro-batch options whose outputs only verl's own step produces (all off by default).
 _VERL_STEP_OPTIONS = (
@@ -75,6 +82,15 @@ def uses_padded_rows_step(micro_batch: TensorDict) -> bool:
     if any(tu.get_non_tensor_data(micro_batch, key, False) for key in _VERL_STEP_OPTIONS):
         return False
     return "multi_modal_inputs" not in micro_batch.keys() and micro_batch["position_ids"].dim() == 2
+
+
+def cuts_micro_batches_by_rows(data: TensorDict) -> bool:
+    """True when each of verl's micro-batches of ``data`` is a set of whole rows that atropos_verl.rows can take."""
+    return (
+        tu.get_non_tensor_data(data, "force_group_size", 1) == 1
+        and tu.get_non_tensor_data(data, "pad_mode", DatasetPadMode.NO_PADDING) == DatasetPadMode.NO_PADDING
+        and cuts_by_offsets(data)
+    )
 
 
 class PaddedRows:
@@ -201,7 +217,73 @@ class PolicyEngine(FSDPEngineWithLMHead):
     """verl's FSDP engine for language models with the host-side savings described in the module docstring."""
 
     def forward_backward_batch(self, data: TensorDict, loss_function, forward_only=False):
-        return read_back(super().forward_backward_batch(data, loss_function, forward_only))
+        if not cuts_micro_batches_by_rows(data):
+            return read_back(super().forward_backward_batch(data, loss_function, forward_only))
+        return read_back(self._forward_backward_by_rows(data, loss_function, forward_only))
+
+    def _forward_backward_by_rows(self, data: TensorDict, loss_function, forward_only: bool) -> dict:
+        """verl's micro-batch loop, each micro-batch taken from ``data`` (atropos_verl.rows) just before its forward.
+
+        verl builds every micro-batch up front, re-nesting every row, and reads the
+        token count back from the device, all before the first forward; here the
+        GPU gets work after one micro-batch is taken, and the others are taken
+        while it computes.
+        """
+        tu.assign_non_tensor(
+            data,
+            sp_size=self.ulysses_sequence_parallel_size,
+            dp_size=self.get_data_parallel_size(),
+            batch_num_tokens=self._batch_num_tokens(data),
+        )
+        partition = self._micro_batch_rows(data)
+        return_model_output = tu.get_non_tensor_data(data, "return_model_output", False)
+        scaler = getattr(self, "scaler", None)
+        outputs = []
+        for index, rows in enumerate(partition):
+            micro_batch = select_rows(data, rows)
+            last = index == len(partition) - 1
+            with (
+                torch.no_grad() if forward_only else nullcontext(),
+                nullcontext() if forward_only else self._gradient_sync_context(is_last_micro_batch=last),
+                torch.profiler.record_function(f"micro_batch{index}"),
+            ):
+                loss, output = self.forward_step(micro_batch, loss_function=loss_function, forward_only=forward_only)
+                if not forward_only:
+                    (loss if scaler is None else scaler.scale(loss)).backward()
+                    if not return_model_output:
+                        output.pop("model_output", None)
+            outputs.append(output)
+        dynamic = tu.get_non_tensor_data(data, "use_dynamic_bsz", True)
+        return postprocess_batch_func(output_lst=outputs, indices=partition if dynamic else None, data=data)
+
+    def _micro_batch_rows(self, data: TensorDict) -> list[list[int]]:
+        """The rows of each micro-batch, in the order verl would run them."""
+        rows = data.batch_size[0]
+        if tu.get_non_tensor_data(data, "use_dynamic_bsz", True):
+            # verl's balanced partition under the token budget (agreed across data-parallel
+            # ranks), computed on the sequence lengths alone: it copies what it is given.
+            lengths = TensorDict({"input_ids": data["input_ids"]}, batch_size=data.batch_size)
+            tu.assign_non_tensor(
+                lengths,
+                use_dynamic_bsz=True,
+                sp_size=self.ulysses_sequence_parallel_size,
+                max_token_len_per_gpu=tu.get_non_tensor_data(data, "max_token_len_per_gpu", None),
+            )
+            _, partition = prepare_micro_batches(lengths, dp_group=self.get_data_parallel_group(), same_micro_num_in_dp=True)
+            return [list(part) for part in partition]
+        size = tu.get_non_tensor_data(data, "micro_batch_size_per_gpu", None)
+        if rows % size:
+            raise ValueError(f"{rows} sequences per rank do not split into micro-batches of {size}")
+        return [list(range(start, start + size)) for start in range(0, rows, size)]
+
+    def _batch_num_tokens(self, data: TensorDict) -> float:
+        """Loss-mask total of the mini-batch over all data-parallel ranks (the loss normaliser)."""
+        local = data["loss_mask"].values().sum()
+        if self.get_data_parallel_size() == 1:
+            return local.item()
+        total = local.to(_device())
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.get_data_parallel_group())
+        return total.item()
 
     def optimizer_step(self):
         # A loss scaler or QAT needs verl's step around the clip; so do gradients that are not FSDP2 shards.

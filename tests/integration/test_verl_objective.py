@@ -9,14 +9,17 @@ shifted layout, per-sample temperature, and the normalisation across
 micro-batches and ranks.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from atropos_verl.actor import Actor
+from atropos_verl.advantages import token_advantages
 from atropos_verl.batch import build_batch
-from atropos_verl.config import RunConfig
+from atropos_verl.config import AdvantageConfig, RunConfig
 from atropos_verl.groups import GroupLimits, parse_group
 from atropos_verl.loss import advantage_weighted_token_loss
 
@@ -47,6 +50,12 @@ def scripted_groups(vocab_size):
     return group
 
 
+def group_rows(group, rows: slice):
+    """The sequences ``rows`` of ``group`` as a group of their own."""
+    per_sequence = ("tokens", "masks", "scores", "advantages", "temperatures", "zero_advantage", "sft")
+    return dataclasses.replace(group, **{name: getattr(group, name)[rows] for name in per_sequence})
+
+
 def reference(model_path, group):
     """Loss and gradient norm from a plain HF forward/backward of the public function."""
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="eager")
@@ -60,7 +69,7 @@ def reference(model_path, group):
         input_ids[i, :n] = torch.tensor(seq)
         advantages[i, :n] = torch.tensor(group.advantages[i])
         loss_mask[i, :n] = torch.tensor([m != -100 for m in group.masks[i]], dtype=torch.float32)
-        out = model(input_ids=torch.tensor([seq])).logits[0] / TEMPERATURES[i]
+        out = model(input_ids=torch.tensor([seq])).logits[0] / group.temperatures[i]
         logits.append(torch.nn.functional.pad(out, (0, 0, 0, width - n)))
     loss = advantage_weighted_token_loss(torch.stack(logits), input_ids, advantages, loss_mask)
     loss.backward()
@@ -70,34 +79,76 @@ def reference(model_path, group):
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize(
-    "ranks, max_token_len_per_gpu, remove_padding",
-    [(1, 4096, True), (1, 16, True), (2, 16, True), (1, 16, False), (2, 16, False)],
-    ids=["one-rank", "micro-batches", "two-ranks", "padded-micro-batches", "padded-two-ranks"],
+    "ranks, max_token_len_per_gpu, remove_padding, micro_batch_size",
+    [
+        (1, 4096, True, None),
+        (1, 16, True, None),
+        (2, 16, True, None),
+        (1, 16, False, None),
+        (2, 16, False, None),
+        (1, 64, False, 1),
+        (2, 64, False, 1),
+        (1, 64, True, 2),
+    ],
+    ids=[
+        "one-rank",
+        "micro-batches",
+        "two-ranks",
+        "padded-micro-batches",
+        "padded-two-ranks",
+        "fixed-padded-micro-batches",
+        "fixed-padded-two-ranks",
+        "fixed-packed-micro-batches",
+    ],
 )
-def test_engine_loss_and_gradient_match_reference(tiny_model, ranks, max_token_len_per_gpu, remove_padding):
-    from atropos_verl.advantages import token_advantages
-    from atropos_verl.config import AdvantageConfig
+def test_engine_loss_and_gradient_match_reference(tiny_model, ranks, max_token_len_per_gpu, remove_padding, micro_batch_size):
+    """None as micro_batch_size: verl's token-budget micro-batches; a number: fixed-size micro-batches."""
+    group = scripted_groups(vocab_size=49152)
+    want_loss, want_grad_norm = reference(tiny_model, group)
+    metrics = train_one_batch(
+        tiny_model,
+        group,
+        n_gpus_per_node=ranks,
+        max_token_len_per_gpu=max_token_len_per_gpu,
+        use_remove_padding=remove_padding,
+        use_dynamic_bsz=micro_batch_size is None,
+        micro_batch_size_per_gpu=micro_batch_size or 1,
+    )
+    assert metrics["train/loss"] == pytest.approx(want_loss, rel=1e-4)
+    assert metrics["train/grad_norm"] == pytest.approx(want_grad_norm, rel=1e-3)
 
+
+@pytest.mark.timeout(600)
+def test_each_mini_batch_is_one_optimizer_step_on_its_rows(tiny_model):
+    """Two mini-batches: each reports the loss and gradient norm of its own half of the batch."""
+    group = scripted_groups(vocab_size=49152)
+    expected = [reference(tiny_model, group_rows(group, half)) for half in (slice(0, 2), slice(2, 4))]
+    metrics = train_one_batch(
+        tiny_model, group, num_mini_batches=2, use_dynamic_bsz=False, micro_batch_size_per_gpu=1, max_token_len_per_gpu=64
+    )
+    # Actor.train reports the mean over mini-batches; the tiny learning rate keeps the second step's weights the first's.
+    assert metrics["train/loss"] == pytest.approx(np.mean([loss for loss, _ in expected]), rel=1e-4)
+    assert metrics["train/grad_norm"] == pytest.approx(np.mean([norm for _, norm in expected]), rel=1e-3)
+
+
+def train_one_batch(model_path, group, **settings):
+    """One Actor.train on CPU, fp32, with a learning rate too small to move the weights; settings go to
+    ``trainer`` (n_gpus_per_node), ``model`` (use_remove_padding) or ``actor`` (the rest)."""
     cfg = RunConfig()
     cfg.trainer.device = "cpu"
-    cfg.trainer.n_gpus_per_node = ranks
     cfg.trainer.ray_num_cpus = 2
     cfg.actor.dtype = "float32"
     cfg.actor.lr = 1e-12
     cfg.actor.clip_grad = 1e9
-    cfg.actor.max_token_len_per_gpu = max_token_len_per_gpu
-    cfg.model.use_remove_padding = remove_padding
+    for name, value in settings.items():
+        section = {"n_gpus_per_node": cfg.trainer, "use_remove_padding": cfg.model}.get(name, cfg.actor)
+        assert hasattr(section, name), name
+        setattr(section, name, value)
     cfg.validate()
-
-    group = scripted_groups(vocab_size=49152)
     advantages, _ = token_advantages([group], AdvantageConfig(clip=None))
-    want_loss, want_grad_norm = reference(tiny_model, group)
-
-    actor = Actor(cfg, tiny_model)
+    actor = Actor(cfg, model_path)
     try:
         batch, _ = build_batch([group], advantages, reduction="token-mean", use_sampling_temperature=True, pad_to_multiple=actor.batch_multiple)
-        metrics = actor.train(batch)
+        return actor.train(batch)
     finally:
         actor.shutdown()
-    assert metrics["train/loss"] == pytest.approx(want_loss, rel=1e-4)
-    assert metrics["train/grad_norm"] == pytest.approx(want_grad_norm, rel=1e-3)
