@@ -86,8 +86,10 @@ def flops_per_step(n_params: int, shape: dict, seq_lens: list[int]) -> float:
     return float(dense + attention)
 
 
-def plain_loop(model_dir: Path, groups, advantages, args) -> list[float]:
-    """A plain PyTorch update: bf16 autocast, fp32 weights and AdamW, gradient accumulation over micro-batches."""
+def plain_loop(model_dir: Path, groups, advantages, args):
+    """A plain PyTorch update: bf16 autocast, fp32 weights and AdamW, gradient accumulation over micro-batches.
+
+    Yields (seconds, loss) per step; its peak memory is this process' (``peak_gb``)."""
     from transformers import AutoModelForCausalLM
 
     device = torch.device(args.device)
@@ -97,7 +99,6 @@ def plain_loop(model_dir: Path, groups, advantages, args) -> list[float]:
     sequences = [(t, m, a) for g, adv in zip(groups, advantages) for t, m, a in zip(g.tokens, g.masks, adv)]
     total_trained = sum(sum(1 for x in m[1:] if x != -100) for _, m, _ in sequences)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
-    times, losses = [], []
     for _ in range(args.steps):
         sync(device)
         start = time.perf_counter()
@@ -117,10 +118,11 @@ def plain_loop(model_dir: Path, groups, advantages, args) -> list[float]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         sync(device)
-        times.append(time.perf_counter() - start)
-        losses.append(step_loss)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return times, losses, peak
+        yield time.perf_counter() - start, step_loss
+
+
+def peak_gb(device: str) -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
 
 
 def _profiling_worker():
@@ -144,6 +146,7 @@ def _profiling_worker():
 
 
 def verl_path(model_dir: Path, groups, advantages, args):
+    """Our Actor on the same model and batch; yields (seconds, loss, grad norm, worker peak GiB) per step."""
     from atropos_verl.actor import Actor
     from verl.utils import tensordict_utils as tu
 
@@ -162,7 +165,6 @@ def verl_path(model_dir: Path, groups, advantages, args):
     cfg.actor.max_token_len_per_gpu = args.micro_batch * (args.prompt_len + args.response_len)
     cfg.validate()
     actor = Actor(cfg, str(model_dir), worker_cls=_profiling_worker()) if args.profile else Actor(cfg, str(model_dir))
-    times, losses, peaks, grad_norms = [], [], [], []
     try:
         if args.profile:
             batch, _ = build_batch(groups, advantages, reduction="token-mean", use_sampling_temperature=True, pad_to_multiple=actor.batch_multiple)
@@ -174,14 +176,10 @@ def verl_path(model_dir: Path, groups, advantages, args):
             batch, _ = build_batch(groups, advantages, reduction="token-mean", use_sampling_temperature=True, pad_to_multiple=actor.batch_multiple)
             start = time.perf_counter()
             metrics = actor.train(batch)
-            times.append(time.perf_counter() - start)
-            losses.append(metrics["train/loss"])
-            grad_norms.append(metrics["train/grad_norm"])
-            peaks.append(metrics.get("perf/max_memory_allocated_gb", float("nan")))
+            seconds = time.perf_counter() - start
+            yield seconds, metrics["train/loss"], metrics["train/grad_norm"], metrics.get("perf/max_memory_allocated_gb", float("nan"))
     finally:
         actor.shutdown()
-    print(f"{'':<22} grad norms {['%.4f' % x for x in grad_norms]}")
-    return times, losses, max(peaks)
 
 
 def sync(device: torch.device) -> None:
@@ -223,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", type=int, default=1, help="FSDP2 ranks of the verl path (the plain loop uses one)")
     parser.add_argument("--fused-optimizer", choices=list(AUTO_OR_BOOL), default="auto",
                         help="torch's fused AdamW (auto: on CUDA)")
+    parser.add_argument("--order", choices=["sequential", "interleaved"], default="sequential",
+                        help="interleaved: one step of each path in turn, both models resident on the GPU at once "
+                             "(needs memory for both), so that drift in the host's speed hits both alike")
     args = parser.parse_args(argv)
 
     if args.tokenizer is None:
@@ -241,20 +242,30 @@ def main(argv: list[str] | None = None) -> int:
             f"shape {args.shape} ({n_params / 1e6:.0f}M params), {args.device}, {args.dtype}, batch {args.batch} x "
             f"{args.prompt_len}+{args.response_len} tokens, micro-batch {args.micro_batch}, {args.steps} steps"
         )
-        # verl first: its Ray workers exit and return all GPU memory, whereas this
-        # process keeps a CUDA context and allocator state after the plain loop.
+        verl = verl_path(model_dir, groups, advantages, args)
+        plain = None if args.skip_plain else plain_loop(model_dir, groups, advantages, args)
+        if plain is not None and args.order == "interleaved":
+            verl_steps, plain_steps = map(list, zip(*zip(verl, plain)))
+        else:
+            # verl first: its Ray workers exit and return all GPU memory, whereas this
+            # process keeps a CUDA context and allocator state after the plain loop.
+            verl_steps, plain_steps = list(verl), list(plain or [])
+        verl.close()
         results = {}
-        times, losses, peak = verl_path(model_dir, groups, advantages, args)
-        results["verl"] = report("atropos-verl (verl)", times, tokens, flops, peak, args.device)
+        times, losses, grad_norms, peaks = zip(*verl_steps)
+        results["verl"] = report("atropos-verl (verl)", times, tokens, flops, max(peaks), args.device)
         print(f"{'':<22} losses {['%.5f' % x for x in losses]}")
-        if not args.skip_plain:
-            times, losses, peak = plain_loop(model_dir, groups, advantages, args)
-            results["plain"] = report("plain PyTorch loop", times, tokens, flops, peak, args.device)
+        print(f"{'':<22} grad norms {['%.4f' % x for x in grad_norms]}")
+        if plain_steps:
+            times, losses = zip(*plain_steps)
+            results["plain"] = report("plain PyTorch loop", times, tokens, flops, peak_gb(args.device), args.device)
             print(f"{'':<22} losses {['%.5f' % x for x in losses]}")
-        if "plain" in results:
             ratio = results["verl"]["tokens_per_s"] / results["plain"]["tokens_per_s"]
             memory = results["verl"]["peak_gb"] / results["plain"]["peak_gb"]
             print(f"throughput ratio (atropos-verl / plain): {ratio:.2f}x   peak-memory ratio: {memory:.2f}x")
+            if args.order == "interleaved":
+                paired = statistics.median(p[0] / v[0] for v, p in zip(verl_steps[1:], plain_steps[1:]))
+                print(f"median of per-step ratios (each verl step against the plain step right after it): {paired:.2f}x")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
