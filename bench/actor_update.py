@@ -5,6 +5,7 @@ scored groups with the same advantage-weighted token loss; the script prints
 step time, tokens/s, MFU and peak memory for each and their ratio.
 
     python bench/actor_update.py --shape qwen2.5-0.5b --device cuda          # H100
+    python bench/actor_update.py --shape qwen2.5-0.5b --order interleaved    # H100, steps alternate
     python bench/actor_update.py --shape tiny --device cpu --batch 8 \\
         --prompt-len 16 --response-len 48 --micro-batch 4                      # CPU, ratio only
 
