@@ -1,4 +1,4 @@
-"""Batch TensorDicts of jagged rows: cut into consecutive row ranges, and moved between processes.
+"""Batch TensorDicts of jagged rows: split into row ranges or selections, and moved between processes.
 
 Both happen on the critical path of every actor update, while the GPU waits
 for its first kernel (bench/RESULTS.md):
@@ -10,8 +10,8 @@ for its first kernel (bench/RESULTS.md):
   offsets; any other selection of rows is one gather.
 * Ray pickles a TensorDict's tensors through torch's serialiser, tensor by
   tensor; numpy arrays it moves as out-of-band buffers. For 32 x 1,024 tokens
-  the driver-to-worker hand-over took 23-26 ms as a TensorDict and 9-10 ms as
-  :class:`BatchArrays` (2-core CPU, measured).
+  a Ray call's hand-over took 23-26 ms as a TensorDict and 9-10 ms as numpy
+  arrays (2-core CPU, measured).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def row_range(batch: TensorDict, start: int, stop: int, copy: bool = False) -> T
         elif isinstance(value, torch.Tensor):
             part[key] = value[start:stop].clone() if copy else value[start:stop]
         elif value.shape:
-            # Non-tensor data with one entry per row.
+            # Non-tensor entries: a per-row stack is sliced, per-batch data keeps its value.
             part[key] = value[start:stop]
         else:
             part[key] = value
