@@ -40,23 +40,18 @@ def row_range(batch: TensorDict, start: int, stop: int, copy: bool = False) -> T
     Without ``copy`` the tensors are views of ``batch``'s storage. Pickling a view
     sends its whole storage, so pass ``copy=True`` for a part that travels to another process.
     """
-    part = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor) and value.is_nested:
-            offsets = value.offsets()
-            first, last = int(offsets[start]), int(offsets[stop])
-            values = value.values()[first:last]
-            part[key] = torch.nested.nested_tensor_from_jagged(
-                values.clone() if copy else values, offsets[start : stop + 1] - first
-            )
-        elif isinstance(value, torch.Tensor):
-            part[key] = value[start:stop].clone() if copy else value[start:stop]
-        elif value.shape:
-            # Non-tensor entries: a per-row stack is sliced, per-batch data keeps its value.
-            part[key] = value[start:stop]
-        else:
-            part[key] = value
-    return TensorDict(part, batch_size=[stop - start])
+
+    def jagged(value: torch.Tensor) -> torch.Tensor:
+        offsets = value.offsets()
+        first, last = int(offsets[start]), int(offsets[stop])
+        values = value.values()[first:last]
+        return torch.nested.nested_tensor_from_jagged(values.clone() if copy else values, offsets[start : stop + 1] - first)
+
+    def per_row(value):
+        part = value[start:stop]
+        return part.clone() if copy and isinstance(part, torch.Tensor) else part
+
+    return _take_rows(batch, stop - start, jagged, per_row)
 
 
 def split_rows(batch: TensorDict, parts: int, copy: bool = False) -> list[TensorDict]:
@@ -120,19 +115,25 @@ def select_rows(batch: TensorDict, rows: list[int]) -> TensorDict:
     if rows and rows == list(range(rows[0], rows[0] + len(rows))):
         return row_range(batch, rows[0], rows[0] + len(rows))
     index = torch.tensor(rows, dtype=torch.long)
-    part = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor) and value.is_nested:
-            offsets = value.offsets()
-            starts = offsets[index]
-            lengths = offsets[index + 1] - starts
-            new_offsets = torch.zeros(len(rows) + 1, dtype=offsets.dtype)
-            torch.cumsum(lengths, 0, out=new_offsets[1:])
-            # Each selected token's position in the source values: its row's start plus its place in the row.
-            tokens = torch.arange(int(new_offsets[-1])) + torch.repeat_interleave(starts - new_offsets[:-1], lengths)
-            part[key] = torch.nested.nested_tensor_from_jagged(value.values()[tokens], new_offsets)
-        elif isinstance(value, torch.Tensor) or value.shape:
-            part[key] = value[index]
-        else:
-            part[key] = value
-    return TensorDict(part, batch_size=[len(rows)])
+
+    def jagged(value: torch.Tensor) -> torch.Tensor:
+        offsets = value.offsets()
+        starts = offsets[index]
+        lengths = offsets[index + 1] - starts
+        new_offsets = torch.zeros(len(rows) + 1, dtype=offsets.dtype)
+        torch.cumsum(lengths, 0, out=new_offsets[1:])
+        # Each selected token's position in the source values: its row's start plus its place in the row.
+        tokens = torch.arange(int(new_offsets[-1])) + torch.repeat_interleave(starts - new_offsets[:-1], lengths)
+        return torch.nested.nested_tensor_from_jagged(value.values()[tokens], new_offsets)
+
+    return _take_rows(batch, len(rows), jagged, lambda value: value[index])
+
+
+def _take_rows(batch: TensorDict, size: int, jagged, per_row) -> TensorDict:
+    """A ``size``-row TensorDict of ``jagged(value)`` for each jagged tensor and ``per_row(value)`` for every
+    other entry: dense tensors, per-row stacks, and per-batch data (whose indexing keeps its value)."""
+    part = {
+        key: jagged(value) if isinstance(value, torch.Tensor) and value.is_nested else per_row(value)
+        for key, value in batch.items()
+    }
+    return TensorDict(part, batch_size=[size])
