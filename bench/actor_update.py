@@ -146,11 +146,8 @@ def _profiling_worker():
     return ProfilingPolicyWorker
 
 
-def verl_path(model_dir: Path, groups, advantages, args):
-    """Our Actor on the same model and batch; yields (seconds, loss, grad norm, worker peak GiB) per step."""
-    from atropos_verl.actor import Actor
-    from verl.utils import tensordict_utils as tu
-
+def run_config(args) -> RunConfig:
+    """The trainer config of the verl path for the command line's workload (add_workload_arguments)."""
     cfg = RunConfig()
     cfg.trainer.device = args.device
     cfg.trainer.total_training_steps = args.steps
@@ -165,6 +162,15 @@ def verl_path(model_dir: Path, groups, advantages, args):
     cfg.actor.micro_batch_size_per_gpu = args.micro_batch
     cfg.actor.max_token_len_per_gpu = args.micro_batch * (args.prompt_len + args.response_len)
     cfg.validate()
+    return cfg
+
+
+def verl_path(model_dir: Path, groups, advantages, args):
+    """Our Actor on the same model and batch; yields (seconds, loss, grad norm, worker peak GiB) per step."""
+    from atropos_verl.actor import Actor
+    from verl.utils import tensordict_utils as tu
+
+    cfg = run_config(args)
     actor = Actor(cfg, str(model_dir), worker_cls=_profiling_worker()) if args.profile else Actor(cfg, str(model_dir))
     try:
         if args.profile:
@@ -199,8 +205,8 @@ def report(name: str, times: list[float], tokens: int, flops: float, peak_gb: fl
     return {"step_s": step, "tokens_per_s": tokens / step, "mfu": mfu, "peak_gb": peak_gb}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model shape, batch and verl-path settings, shared by the benches that train through the Actor."""
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
@@ -214,28 +220,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layout", choices=["auto", "packed", "padded"], default="auto",
                         help="micro-batch layout: verl's packed rows (remove padding) or padded rows")
     parser.add_argument("--tokenizer", type=Path, default=None)
-    parser.add_argument("--skip-plain", action="store_true")
-    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one verl step (CUDA)")
     parser.add_argument("--reshard-after-forward", choices=list(AUTO_OR_BOOL), default="auto")
     parser.add_argument("--wrap-layers", choices=list(AUTO_OR_BOOL), default="auto",
                         help="one FSDP2 unit per decoder layer (true) or for the whole model (false)")
     parser.add_argument("--gpus", type=int, default=1, help="FSDP2 ranks of the verl path (the plain loop uses one)")
     parser.add_argument("--fused-optimizer", choices=list(AUTO_OR_BOOL), default="auto",
                         help="torch's fused AdamW (auto: on CUDA)")
+
+
+def workload(args, workdir: Path):
+    """(model folder, parameter count, scored groups, their advantages) for the command line's workload."""
+    if args.tokenizer is None:
+        from atropos_verl.assets import tiny_llama
+
+        args.tokenizer = tiny_llama()
+    model_dir, n_params, vocab = make_model_dir(args.shape, args.tokenizer, workdir / "model")
+    groups = make_groups(args.batch, args.group_size, args.prompt_len, args.response_len, vocab)
+    advantages, _ = token_advantages(groups, AdvantageConfig())
+    return model_dir, n_params, groups, advantages
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_workload_arguments(parser)
+    parser.add_argument("--skip-plain", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one verl step (CUDA)")
     parser.add_argument("--order", choices=["sequential", "interleaved"], default="sequential",
                         help="interleaved: one step of each path in turn, both models resident on the GPU at once "
                              "(needs memory for both), so that drift in the host's speed hits both alike")
     args = parser.parse_args(argv)
 
-    if args.tokenizer is None:
-        from atropos_verl.assets import tiny_llama
-
-        args.tokenizer = tiny_llama()
     workdir = Path(tempfile.mkdtemp(prefix="actor-bench-"))
     try:
-        model_dir, n_params, vocab = make_model_dir(args.shape, args.tokenizer, workdir / "model")
-        groups = make_groups(args.batch, args.group_size, args.prompt_len, args.response_len, vocab)
-        advantages, _ = token_advantages(groups, AdvantageConfig())
+        model_dir, n_params, groups, advantages = workload(args, workdir)
         seq_lens = [len(t) for g in groups for t in g.tokens]
         tokens = sum(seq_lens)
         flops = flops_per_step(n_params, SHAPES[args.shape], seq_lens)

@@ -2,11 +2,11 @@
 
 At the start of an update the GPU is idle: everything the host does before the
 first forward (dispatch, Ray hand-over, mini- and micro-batch split, set-up)
-adds to the step time one for one. Same model shapes and batch as
-actor_update.py; prints the median over the steps after two warm-ups.
+adds to the step time one for one. Same workload options as actor_update.py;
+prints the median over the steps after two warm-ups.
 
     python bench/first_forward_latency.py --shape qwen2.5-0.5b --tokenizer <dir>      # H100
-    python bench/first_forward_latency.py --shape tiny --device cpu --prompt-len 16 --response-len 48  # CPU
+    python bench/first_forward_latency.py --shape tiny --device cpu --dtype float32 --prompt-len 16 --response-len 112  # CPU
 """
 
 from __future__ import annotations
@@ -19,13 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from actor_update import make_groups, make_model_dir
+from actor_update import add_workload_arguments, run_config, workload
 
 from atropos_verl.actor import Actor, PolicyWorker
-from atropos_verl.advantages import token_advantages
 from atropos_verl.batch import build_batch
-from atropos_verl.config import AdvantageConfig, RunConfig
 from verl.single_controller.base.decorator import Dispatch, register
 
 
@@ -50,34 +47,14 @@ class TimedPolicyWorker(PolicyWorker):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="tiny")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--prompt-len", type=int, default=256)
-    parser.add_argument("--response-len", type=int, default=768)
-    parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--tokenizer", type=Path, default=None)
+    add_workload_arguments(parser)
+    parser.set_defaults(steps=12)
     args = parser.parse_args(argv)
-    if args.tokenizer is None:
-        from atropos_verl.assets import tiny_llama
-
-        args.tokenizer = tiny_llama()
 
     workdir = Path(tempfile.mkdtemp(prefix="first-forward-"))
     try:
-        model_dir, _, vocab = make_model_dir(args.shape, args.tokenizer, workdir / "model")
-        groups = make_groups(args.batch, 8, args.prompt_len, args.response_len, vocab)
-        advantages, _ = token_advantages(groups, AdvantageConfig())
-        cfg = RunConfig()
-        cfg.trainer.device = args.device
-        cfg.trainer.total_training_steps = args.steps
-        cfg.actor.dtype = "bfloat16" if args.device == "cuda" else "float32"
-        cfg.actor.use_dynamic_bsz = False
-        cfg.actor.micro_batch_size_per_gpu = args.micro_batch
-        cfg.actor.max_token_len_per_gpu = args.micro_batch * (args.prompt_len + args.response_len)
-        cfg.validate()
-        actor = Actor(cfg, str(model_dir), worker_cls=TimedPolicyWorker)
+        model_dir, _, groups, advantages = workload(args, workdir)
+        actor = Actor(run_config(args), str(model_dir), worker_cls=TimedPolicyWorker)
         latencies, steps = [], []
         try:
             for _ in range(args.steps):
