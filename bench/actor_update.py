@@ -36,9 +36,15 @@ from atropos_verl.loss import advantage_weighted_token_loss
 PEAK_FLOPS = {"cuda": 989e12, "cpu": None}
 
 SHAPES = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1),
-    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2),
-    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2),
+    "tiny": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1
+    ),
+    "qwen2.5-0.5b": dict(
+        hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2
+    ),
+    "qwen2.5-1.5b": dict(
+        hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2
+    ),
 }
 # --flag auto|true|false -> the config's null (auto) or a bool.
 AUTO_OR_BOOL = {"auto": None, "true": True, "false": False}
@@ -76,7 +82,9 @@ def make_groups(batch: int, group_size: int, prompt_len: int, response_len: int,
             tokens.append(prompt + response)
             masks.append([-100] * prompt_len + response)
         raw = {"tokens": tokens, "masks": masks, "scores": rng.random(group_size).tolist()}
-        groups.append(parse_group(raw, f"bench/{g}", GroupLimits(vocab_size=vocab, max_token_len=prompt_len + response_len)))
+        groups.append(
+            parse_group(raw, f"bench/{g}", GroupLimits(vocab_size=vocab, max_token_len=prompt_len + response_len))
+        )
     return groups
 
 
@@ -128,8 +136,9 @@ def peak_gb(device: str) -> float:
 
 def _profiling_worker():
     """PolicyWorker plus one method: a training step under torch.profiler, returning its top-ops table."""
-    from atropos_verl.actor import PolicyWorker
     from verl.single_controller.base.decorator import Dispatch, register
+
+    from atropos_verl.policy.worker import PolicyWorker
 
     class ProfilingPolicyWorker(PolicyWorker):
         @register(dispatch_mode=Dispatch.ONE_TO_ALL)
@@ -167,24 +176,48 @@ def run_config(args) -> RunConfig:
 
 def verl_path(model_dir: Path, groups, advantages, args):
     """Our Actor on the same model and batch; yields (seconds, loss, grad norm, worker peak GiB) per step."""
-    from atropos_verl.actor import Actor
     from verl.utils import tensordict_utils as tu
+
+    from atropos_verl.policy.actor import Actor
 
     cfg = run_config(args)
     actor = Actor(cfg, str(model_dir), worker_cls=_profiling_worker()) if args.profile else Actor(cfg, str(model_dir))
     try:
         if args.profile:
-            batch, _ = build_batch(groups, advantages, reduction="token-mean", use_sampling_temperature=True, pad_to_multiple=actor.batch_multiple)
+            batch, _ = build_batch(
+                groups,
+                advantages,
+                reduction="token-mean",
+                use_sampling_temperature=True,
+                pad_to_multiple=actor.batch_multiple,
+            )
             actor.train(batch)  # warm-up
-            batch, _ = build_batch(groups, advantages, reduction="token-mean", use_sampling_temperature=True, pad_to_multiple=actor.batch_multiple)
+            batch, _ = build_batch(
+                groups,
+                advantages,
+                reduction="token-mean",
+                use_sampling_temperature=True,
+                pad_to_multiple=actor.batch_multiple,
+            )
             tu.assign_non_tensor(batch, num_mini_batch=1, epochs=1, seed=0)
             print(actor.workers.profile_train(batch)[0])
         for _ in range(args.steps):
-            batch, _ = build_batch(groups, advantages, reduction="token-mean", use_sampling_temperature=True, pad_to_multiple=actor.batch_multiple)
+            batch, _ = build_batch(
+                groups,
+                advantages,
+                reduction="token-mean",
+                use_sampling_temperature=True,
+                pad_to_multiple=actor.batch_multiple,
+            )
             start = time.perf_counter()
             metrics = actor.train(batch)
             seconds = time.perf_counter() - start
-            yield seconds, metrics["train/loss"], metrics["train/grad_norm"], metrics.get("perf/max_memory_allocated_gb", float("nan"))
+            yield (
+                seconds,
+                metrics["train/loss"],
+                metrics["train/grad_norm"],
+                metrics.get("perf/max_memory_allocated_gb", float("nan")),
+            )
     finally:
         actor.shutdown()
 
@@ -216,16 +249,27 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--response-len", type=int, default=768)
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--dynamic-bsz", action="store_true", help="verl dynamic batch size (token budget = micro-batch x length)")
-    parser.add_argument("--layout", choices=["auto", "packed", "padded"], default="auto",
-                        help="micro-batch layout: verl's packed rows (remove padding) or padded rows")
+    parser.add_argument(
+        "--dynamic-bsz", action="store_true", help="verl dynamic batch size (token budget = micro-batch x length)"
+    )
+    parser.add_argument(
+        "--layout",
+        choices=["auto", "packed", "padded"],
+        default="auto",
+        help="micro-batch layout: verl's packed rows (remove padding) or padded rows",
+    )
     parser.add_argument("--tokenizer", type=Path, default=None)
     parser.add_argument("--reshard-after-forward", choices=list(AUTO_OR_BOOL), default="auto")
-    parser.add_argument("--wrap-layers", choices=list(AUTO_OR_BOOL), default="auto",
-                        help="one FSDP2 unit per decoder layer (true) or for the whole model (false)")
+    parser.add_argument(
+        "--wrap-layers",
+        choices=list(AUTO_OR_BOOL),
+        default="auto",
+        help="one FSDP2 unit per decoder layer (true) or for the whole model (false)",
+    )
     parser.add_argument("--gpus", type=int, default=1, help="FSDP2 ranks of the verl path (the plain loop uses one)")
-    parser.add_argument("--fused-optimizer", choices=list(AUTO_OR_BOOL), default="auto",
-                        help="torch's fused AdamW (auto: on CUDA)")
+    parser.add_argument(
+        "--fused-optimizer", choices=list(AUTO_OR_BOOL), default="auto", help="torch's fused AdamW (auto: on CUDA)"
+    )
 
 
 def workload(args, workdir: Path):
@@ -245,9 +289,13 @@ def main(argv: list[str] | None = None) -> int:
     add_workload_arguments(parser)
     parser.add_argument("--skip-plain", action="store_true")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one verl step (CUDA)")
-    parser.add_argument("--order", choices=["sequential", "interleaved"], default="sequential",
-                        help="interleaved: one step of each path in turn, both models resident on the GPU at once "
-                             "(needs memory for both), so that drift in the host's speed hits both alike")
+    parser.add_argument(
+        "--order",
+        choices=["sequential", "interleaved"],
+        default="sequential",
+        help="interleaved: one step of each path in turn, both models resident on the GPU at once "
+        "(needs memory for both), so that drift in the host's speed hits both alike",
+    )
     args = parser.parse_args(argv)
 
     workdir = Path(tempfile.mkdtemp(prefix="actor-bench-"))
@@ -283,7 +331,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"throughput ratio (atropos-verl / plain): {ratio:.2f}x   peak-memory ratio: {memory:.2f}x")
             if args.order == "interleaved":
                 paired = statistics.median(p[0] / v[0] for v, p in zip(verl_steps[1:], plain_steps[1:]))
-                print(f"median of per-step ratios (each verl step against the plain step right after it): {paired:.2f}x")
+                print(
+                    f"median of per-step ratios (each verl step against the plain step right after it): {paired:.2f}x"
+                )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

@@ -6,7 +6,8 @@ adds to the step time one for one. Same workload options as actor_update.py;
 prints the median over the steps after two warm-ups.
 
     python bench/first_forward_latency.py --shape qwen2.5-0.5b --tokenizer <dir>      # H100
-    python bench/first_forward_latency.py --shape tiny --device cpu --dtype float32 --prompt-len 16 --response-len 112  # CPU
+    python bench/first_forward_latency.py --shape tiny --device cpu --dtype float32 \
+        --prompt-len 16 --response-len 112  # CPU
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import time
 from pathlib import Path
 
 from actor_update import add_workload_arguments, run_config, workload
-
-from atropos_verl.actor import Actor, PolicyWorker
-from atropos_verl.batch import build_batch
 from verl.single_controller.base.decorator import Dispatch, register
+
+from atropos_verl.batch import build_batch
+from atropos_verl.policy.actor import Actor
+from atropos_verl.policy.worker import PolicyWorker
 
 
 class TimedPolicyWorker(PolicyWorker):
@@ -58,16 +60,27 @@ def main(argv: list[str] | None = None) -> int:
         latencies, steps = [], []
         try:
             for _ in range(args.steps):
-                batch, _ = build_batch(groups, advantages, reduction="token-mean", use_sampling_temperature=True, pad_to_multiple=actor.batch_multiple)
+                batch, _ = build_batch(
+                    groups,
+                    advantages,
+                    reduction="token-mean",
+                    use_sampling_temperature=True,
+                    pad_to_multiple=actor.batch_multiple,
+                )
                 called = time.time()
                 actor.train(batch)
                 steps.append(time.time() - called)
                 latencies.append(actor.workers.first_forward_after(called)[0] - called)
         finally:
             actor.shutdown()
-        print(f"shape {args.shape}, {args.device}, batch {args.batch} x {args.prompt_len}+{args.response_len}, micro-batch {args.micro_batch}")
-        print(f"driver call -> first forward: median {1e3 * statistics.median(latencies[2:]):.1f} ms   "
-              f"(each step: {' '.join(f'{1e3 * x:.1f}' for x in latencies)})")
+        print(
+            f"shape {args.shape}, {args.device}, batch {args.batch} x {args.prompt_len}+{args.response_len}, "
+            f"micro-batch {args.micro_batch}"
+        )
+        print(
+            f"driver call -> first forward: median {1e3 * statistics.median(latencies[2:]):.1f} ms   "
+            f"(each step: {' '.join(f'{1e3 * x:.1f}' for x in latencies)})"
+        )
         print(f"step: median {1e3 * statistics.median(steps[2:]):.0f} ms")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -22,10 +22,11 @@ import time
 
 import torch
 
-from atropos_verl.actor import Actor
 from atropos_verl.config import RunConfig
-from atropos_verl.engines import ReplicaSpec, VLLMReplica
-from atropos_verl.sync import WeightSync, default_weights_root
+from atropos_verl.policy.actor import Actor
+from atropos_verl.serving.replicas import ReplicaSpec, VLLMReplica
+from atropos_verl.serving.sync import WeightSync
+from atropos_verl.serving.transports.folder import FolderTransport, default_weights_root
 
 
 def memcpy_seconds(num_bytes: int, repeats: int) -> float:
@@ -57,10 +58,8 @@ async def run(args) -> None:
         name="bench",
     )
     actor, _ = await asyncio.gather(asyncio.to_thread(Actor, cfg, args.model), replica.start(args.startup_timeout))
-    sync = WeightSync(
-        actor, [replica], None, weights_root=default_weights_root(), dtype=args.dtype,
-        bucket_bytes=args.bucket_mb << 20, check_threshold=None,
-    )
+    transport = FolderTransport(actor, root=default_weights_root(), dtype=args.dtype, bucket_bytes=args.bucket_mb << 20)
+    sync = WeightSync(actor, [replica], None, transport, check_threshold=None)
     try:
         reports = [await sync.sync(version, probe=[]) for version in range(1, args.repeats + 1)]
         probe = [[(7 * i + 3) % 1000 for i in range(64)]]
@@ -73,7 +72,7 @@ async def run(args) -> None:
     measured = reports[1:] if len(reports) > 1 else reports
     num_bytes = int(measured[0].bytes)
     sync_s = statistics.median(r.seconds for r in measured)
-    export_s = statistics.median(r.export_seconds for r in measured)
+    export_s = statistics.median(r.prepare_seconds for r in measured)
     swap_s = statistics.median(r.swap_seconds for r in measured)
     copy_s = memcpy_seconds(num_bytes, max(args.repeats, 5))
     print(f"model {args.model} ({num_bytes / 2**20:.1f} MiB in {args.dtype}), device {args.device}")
@@ -89,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", default=None, help="model folder (default: the tiny test model)")
-    parser.add_argument("--shape", default=None, help="instead of --model: a random model of this shape (see actor_update.py)")
+    parser.add_argument(
+        "--shape", default=None, help="instead of --model: a random model of this shape (see actor_update.py)"
+    )
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder for --shape")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     parser.add_argument("--repeats", type=int, default=5)
@@ -109,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
             from atropos_verl.assets import tiny_llama
 
             tokenizer = tiny_llama()
-        args.model = str(make_model_dir(args.shape, tokenizer, Path(tempfile.mkdtemp(prefix="sync-bench-")) / "model")[0])
+        args.model = str(
+            make_model_dir(args.shape, tokenizer, Path(tempfile.mkdtemp(prefix="sync-bench-")) / "model")[0]
+        )
     elif args.model is None:
         from atropos_verl.assets import tiny_llama
 

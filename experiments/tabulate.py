@@ -1,6 +1,6 @@
 """Tabulate a Hydra multirun of atropos_verl.train: one row per run, the swept overrides as its label.
 
-    python experiments/tabulate.py multirun/<time>            # prints the table, writes sweep.png there
+python experiments/tabulate.py multirun/<time>            # prints the table, writes sweep.png there
 """
 
 from __future__ import annotations

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import subprocess
 import sys
+import time
 from pathlib import Path
+
+from atropos_verl.procs import ChildProcess
 
 REPO = Path(__file__).resolve().parents[1]
 # Every process a run starts inherits this variable, so tests can find (and account for) them all.
@@ -20,19 +21,23 @@ def train_command(*overrides: str, multirun: bool = False) -> list[str]:
     return [sys.executable, "-m", "atropos_verl.train", *flags, "hydra.searchpath=[file://tests/conf]", *overrides]
 
 
-def spawn(cmd: list[str], log_path: Path, marker: str | None = None) -> subprocess.Popen:
+def spawn(cmd: list[str], log_path: Path, marker: str | None = None) -> ChildProcess:
+    """``cmd`` in its own process group (Ray's and vLLM's helpers included), run from the repository."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if marker:
         env[MARKER] = marker
-    log = open(log_path, "w")
-    # A new session makes the process group ours to stop, Ray's and vLLM's helpers included.
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
+    Path(log_path).unlink(missing_ok=True)
+    child = ChildProcess(Path(cmd[-1]).name, Path(log_path))
+    child.start(cmd, env=env, cwd=REPO)
+    return child
 
 
-def kill_group(proc: subprocess.Popen, sig: signal.Signals = signal.SIGKILL) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, sig)
-    proc.wait(timeout=60)
+def wait_exit(child: ChildProcess, timeout: float) -> int | None:
+    """The exit code within ``timeout`` seconds, else None (the child is left running)."""
+    deadline = time.monotonic() + timeout
+    while child.returncode() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return child.returncode()
 
 
 def processes_with_marker(marker: str) -> list[int]:
@@ -80,10 +85,9 @@ def base_overrides(api_port: int, steps: int) -> list[str]:
 
 
 def run_to_end(cmd: list[str], log_path: Path, marker: str | None = None, timeout: float = 600) -> tuple[int, str]:
-    proc = spawn(cmd, log_path, marker)
+    child = spawn(cmd, log_path, marker)
     try:
-        proc.wait(timeout=timeout)
+        code = wait_exit(child, timeout)
     finally:
-        if proc.poll() is None:
-            kill_group(proc)
-    return proc.returncode, Path(log_path).read_text()
+        child.stop(timeout_s=60)
+    return code if code is not None else -1, Path(log_path).read_text()

@@ -77,9 +77,7 @@ def score_advantages(groups: list[ScoredGroup], cfg: AdvantageConfig) -> list[np
     return per_group
 
 
-def token_advantages(
-    groups: list[ScoredGroup], cfg: AdvantageConfig
-) -> tuple[list[list[np.ndarray]], AdvantageStats]:
+def token_advantages(groups: list[ScoredGroup], cfg: AdvantageConfig) -> tuple[list[list[np.ndarray]], AdvantageStats]:
     """Advantages aligned with ``tokens`` (``[group][sequence] -> (len,)``) and their statistics."""
     from_scores = score_advantages(groups, cfg)
     result: list[list[np.ndarray]] = []

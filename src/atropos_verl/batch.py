@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from tensordict import TensorDict
+from verl.utils import tensordict_utils as tu
 
 from atropos_verl.groups import IGNORED, ScoredGroup
-from verl.utils import tensordict_utils as tu
 
 
 @dataclass(frozen=True)
@@ -101,21 +101,13 @@ def _jagged(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.nested.as_nested_tensor(tensors, layout=torch.jagged)
 
 
-def build_batch(
-    groups: list[ScoredGroup],
-    advantages: list[list[np.ndarray]],
-    *,
-    reduction: str,
-    use_sampling_temperature: bool,
-    pad_to_multiple: int,
-) -> tuple[TensorDict, BatchStats]:
-    """Pack groups into verl's no-padding TensorDict (see module docstring for the layout)."""
-    rows = [row for group, adv in zip(groups, advantages) for row in _rows(group, adv, reduction, use_sampling_temperature)]
+def _pack(rows: list[_Row], pad_to_multiple: int) -> tuple[TensorDict, BatchStats]:
+    """Rows (padded to a multiple of ``pad_to_multiple``) as verl's no-padding TensorDict."""
     if not rows:
         raise ValueError("cannot build a batch from zero sequences")
     num_real = len(rows)
     shortest = min(rows, key=lambda r: len(r.input_ids))
-    rows += [_padding_row(shortest)] * (-num_real % pad_to_multiple)
+    rows = rows + [_padding_row(shortest)] * (-num_real % pad_to_multiple)
 
     stats = BatchStats(
         num_sequences=num_real,
@@ -140,3 +132,29 @@ def build_batch(
         tensors["temperature"] = torch.tensor(temperatures, dtype=torch.float32)
         non_tensors = {}
     return tu.get_tensordict(tensor_dict=tensors, non_tensor_dict=non_tensors), stats
+
+
+def build_batch(
+    groups: list[ScoredGroup],
+    advantages: list[list[np.ndarray]],
+    *,
+    reduction: str,
+    use_sampling_temperature: bool,
+    pad_to_multiple: int,
+) -> tuple[TensorDict, BatchStats]:
+    """Pack groups into verl's no-padding TensorDict for a training step (layout: module docstring)."""
+    rows = [
+        row for group, adv in zip(groups, advantages) for row in _rows(group, adv, reduction, use_sampling_temperature)
+    ]
+    return _pack(rows, pad_to_multiple)
+
+
+def pack_sequences(sequences: list[list[int]], pad_to_multiple: int) -> TensorDict:
+    """Token sequences as a forward-only batch (log-probs at temperature 1, no loss), same layout."""
+    rows = []
+    for tokens in sequences:
+        zeros = torch.zeros(len(tokens))
+        rows.append(_Row(torch.tensor(tokens, dtype=torch.long), torch.ones(len(tokens)), zeros, zeros, zeros, 1.0))
+    batch, _ = _pack(rows, pad_to_multiple)
+    tu.assign_non_tensor(batch, compute_loss=False, global_token_num=batch["input_ids"].offsets().diff().tolist())
+    return batch

@@ -75,7 +75,9 @@ class AtroposConfig:
     wandb_project: str = "atropos-verl"
 
     def validate(self) -> None:
-        _require(self.api_url.startswith(("http://", "https://")), "atropos.api_url", f"not an http(s) URL: {self.api_url!r}")
+        _require(
+            self.api_url.startswith(("http://", "https://")), "atropos.api_url", f"not an http(s) URL: {self.api_url!r}"
+        )
         _require(self.timeout > 0, "atropos.timeout", f"must be > 0, got {self.timeout}")
         _require(self.request_timeout > 0, "atropos.request_timeout", f"must be > 0, got {self.request_timeout}")
         _require(self.poll_interval > 0, "atropos.poll_interval", f"must be > 0, got {self.poll_interval}")
@@ -189,8 +191,12 @@ class ActorConfig:
         _require(self.lr > 0, "actor.lr", f"must be > 0, got {self.lr}")
         _require(len(self.betas) == 2, "actor.betas", f"must be [beta1, beta2], got {self.betas}")
         _require(self.clip_grad > 0, "actor.clip_grad", f"must be > 0, got {self.clip_grad}")
-        _require(self.dtype in ("bfloat16", "float32"), "actor.dtype", f"must be bfloat16 or float32, got {self.dtype!r}")
-        _require(self.lr_scheduler_type in ("constant", "cosine"), "actor.lr_scheduler_type", "must be constant or cosine")
+        _require(
+            self.dtype in ("bfloat16", "float32"), "actor.dtype", f"must be bfloat16 or float32, got {self.dtype!r}"
+        )
+        _require(
+            self.lr_scheduler_type in ("constant", "cosine"), "actor.lr_scheduler_type", "must be constant or cosine"
+        )
         _require(self.ulysses_sequence_parallel_size >= 1, "actor.ulysses_sequence_parallel_size", "must be >= 1")
         _require(self.max_token_len_per_gpu > 0, "actor.max_token_len_per_gpu", "must be > 0")
         _require(self.micro_batch_size_per_gpu > 0, "actor.micro_batch_size_per_gpu", "must be > 0")
@@ -252,9 +258,7 @@ class EngineConfig:
         _require(self.kind in ENGINE_KINDS, "engine.kind", f"must be one of {ENGINE_KINDS}, got {self.kind!r}")
         _require(self.replicas >= 1, "engine.replicas", f"must be >= 1, got {self.replicas}")
         _require(self.tensor_parallel_size >= 1, "engine.tensor_parallel_size", "must be >= 1")
-        _require(
-            0 < self.gpu_memory_utilization <= 1, "engine.gpu_memory_utilization", "must be in (0, 1]"
-        )
+        _require(0 < self.gpu_memory_utilization <= 1, "engine.gpu_memory_utilization", "must be in (0, 1]")
         _require(self.max_model_len >= 2, "engine.max_model_len", f"must be >= 2, got {self.max_model_len}")
         _require(
             self.dtype in ("auto", "float32", "bfloat16", "float16"),
@@ -362,7 +366,9 @@ class DataConfig:
         _require(bool(self.split), "data.split", "must not be empty")
         _require(bool(self.eval_split), "data.eval_split", "must not be empty")
         _require(self.max_prompts >= 0, "data.max_prompts", f"must be >= 0 (0: all), got {self.max_prompts}")
-        _require(self.eval_max_prompts >= 0, "data.eval_max_prompts", f"must be >= 0 (0: all), got {self.eval_max_prompts}")
+        _require(
+            self.eval_max_prompts >= 0, "data.eval_max_prompts", f"must be >= 0 (0: all), got {self.eval_max_prompts}"
+        )
         _require(
             self.max_prompt_length is None or self.max_prompt_length >= 0,
             "data.max_prompt_length",
@@ -373,7 +379,9 @@ class DataConfig:
             "data.max_response_length",
             f"must be >= 1, got {self.max_response_length}",
         )
-        _require(self.group_size is None or self.group_size >= 1, "data.group_size", f"must be >= 1, got {self.group_size}")
+        _require(
+            self.group_size is None or self.group_size >= 1, "data.group_size", f"must be >= 1, got {self.group_size}"
+        )
         _require(
             self.reward_fn == "verl" or ":" in self.reward_fn,
             "data.reward_fn",
@@ -420,7 +428,9 @@ class TrainerConfig:
         _require(self.total_training_steps >= 1, "trainer.total_training_steps", "must be >= 1")
         _require(self.batch_size >= 1, "trainer.batch_size", f"must be >= 1, got {self.batch_size}")
         _require(self.max_token_len >= 2, "trainer.max_token_len", f"must be >= 2, got {self.max_token_len}")
-        _require(self.device in ("auto", "cpu", "cuda"), "trainer.device", f"must be auto, cpu or cuda, got {self.device!r}")
+        _require(
+            self.device in ("auto", "cpu", "cuda"), "trainer.device", f"must be auto, cpu or cuda, got {self.device!r}"
+        )
         _require(self.n_gpus_per_node >= 1, "trainer.n_gpus_per_node", "must be >= 1")
         _require(self.nnodes >= 1, "trainer.nnodes", "must be >= 1")
         _require(self.save_freq >= 0, "trainer.save_freq", "must be >= 0 (0 saves only at the end)")
@@ -443,7 +453,16 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     def validate(self) -> None:
-        for section in (self.model, self.atropos, self.advantage, self.loss, self.actor, self.engine, self.data, self.trainer):
+        for section in (
+            self.model,
+            self.atropos,
+            self.advantage,
+            self.loss,
+            self.actor,
+            self.engine,
+            self.data,
+            self.trainer,
+        ):
             section.validate()
         dp = self.trainer.world_size // self.actor.ulysses_sequence_parallel_size
         _require(
@@ -459,7 +478,8 @@ class RunConfig:
         # verl's Ulysses patch replaces the flash-attention kernel only: with SDPA or eager
         # attention each rank would attend within its own shard and train on wrong numbers.
         _require(
-            self.actor.ulysses_sequence_parallel_size == 1 or self.model.attn_implementation.startswith("flash_attention"),
+            self.actor.ulysses_sequence_parallel_size == 1
+            or self.model.attn_implementation.startswith("flash_attention"),
             "actor.ulysses_sequence_parallel_size",
             f"> 1 needs model.attn_implementation=flash_attention_2 (got {self.model.attn_implementation!r})",
         )

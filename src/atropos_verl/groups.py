@@ -14,11 +14,14 @@ bad group is counted and skipped instead of crashing or being silently cut.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+logger = logging.getLogger(__name__)
 
 IGNORED = -100
 
@@ -148,7 +151,9 @@ def parse_group(raw: Any, group_id: str, limits: GroupLimits) -> ScoredGroup:
         low, high = min(toks), max(toks)
         if low < 0 or high >= limits.vocab_size:
             bad = low if low < 0 else high
-            raise GroupRejected(group_id, f"tokens[{i}]", f"token id {bad} outside the vocabulary [0, {limits.vocab_size})")
+            raise GroupRejected(
+                group_id, f"tokens[{i}]", f"token id {bad} outside the vocabulary [0, {limits.vocab_size})"
+            )
         # Position 0 has no preceding context, so it is never trained.
         trainable += sum(1 for m in mask[1:] if m != IGNORED)
     if trainable == 0:
@@ -201,3 +206,22 @@ def describe(raw: Any, index: int, step: int) -> str:
     """A stable id for log lines: env, trainer step and position in the batch."""
     env = raw.get("env_id") if isinstance(raw, dict) else None
     return f"env={env if env is not None else '?'}/step={step}/group={index}"
+
+
+@dataclass
+class ValidatedBatch:
+    groups: list[ScoredGroup]
+    rejected: list[GroupRejected]
+
+
+def validate_batch(raw_groups: list[Any], step: int, limits: GroupLimits) -> ValidatedBatch:
+    """Every group of one ``/batch`` answer parsed; the rejected ones logged with their reason."""
+    groups, rejected = [], []
+    for index, raw in enumerate(raw_groups):
+        group_id = describe(raw, index, step)
+        try:
+            groups.append(parse_group(raw, group_id, limits))
+        except GroupRejected as rejection:
+            logger.warning("rejected %s", rejection)
+            rejected.append(rejection)
+    return ValidatedBatch(groups, rejected)

@@ -69,7 +69,9 @@ def advantage_weighted_token_loss(
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if logits.dim() != 3 or input_ids.shape != logits.shape[:2]:
-        raise ValueError(f"logits must be (B, T, V) and input_ids (B, T); got {tuple(logits.shape)}, {tuple(input_ids.shape)}")
+        raise ValueError(
+            f"logits must be (B, T, V) and input_ids (B, T); got {tuple(logits.shape)}, {tuple(input_ids.shape)}"
+        )
     if advantages.shape != input_ids.shape or loss_mask.shape != input_ids.shape:
         raise ValueError(
             f"advantages {tuple(advantages.shape)} and loss_mask {tuple(loss_mask.shape)} "
@@ -123,7 +125,7 @@ def verl_policy_loss(model_output, data, dp_group=None, *, reduction: str = "tok
     # micro-batch reports its share (sum / global weight x dp_size), which verl's
     # SUM over micro-batches and mean over ranks turns into the global mean.
     # The log-prob gap to the sampler is a ratio of two such shares, formed on the driver.
-    # They stay 0-d device tensors: the engine (atropos_verl.engine.read_back) fetches them
+    # They stay 0-d device tensors: the engine (atropos_verl.policy.fsdp_engine.read_back) fetches them
     # with the losses in one copy after every micro-batch's backward has been launched,
     # instead of stalling the GPU before each backward.
     with torch.no_grad():

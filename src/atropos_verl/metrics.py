@@ -13,6 +13,10 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
+
+from atropos_verl.groups import ScoredGroup
+
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
@@ -53,6 +57,23 @@ class MetricsLogger:
         self._file.close()
         if self._tracking is not None:
             self._tracking.finish()
+
+
+def reward_metrics(groups: list[ScoredGroup]) -> dict[str, float]:
+    """Score statistics of the trained groups, and the means of what environments reported about them."""
+    scores = np.array([s for g in groups for s in g.scores], dtype=np.float64)
+    metrics = {
+        "reward/mean": float(scores.mean()),
+        "reward/std": float(scores.std()),
+        "reward/min": float(scores.min()),
+        "reward/max": float(scores.max()),
+    }
+    reported: dict[str, list[float]] = {}
+    for group in groups:
+        for key, value in group.env_metrics.items():
+            reported.setdefault(key, []).append(value)
+    metrics.update({f"env/{key}": float(np.mean(values)) for key, values in reported.items()})
+    return metrics
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -125,7 +125,11 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> Path:
     ax_reward.plot(steps, [r["reward/mean"] for r in records], color="tab:green", label="mean")
     if all("reward/min" in r and "reward/max" in r for r in records):
         ax_reward.fill_between(
-            steps, [r["reward/min"] for r in records], [r["reward/max"] for r in records], color="tab:green", alpha=0.15,
+            steps,
+            [r["reward/min"] for r in records],
+            [r["reward/max"] for r in records],
+            color="tab:green",
+            alpha=0.15,
             label="min-max",
         )
     ax_reward.set(title="reward", xlabel="step")

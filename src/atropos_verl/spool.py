@@ -64,9 +64,7 @@ class GroupSpool:
             self.attempt = self._db.execute(
                 "INSERT INTO attempts (started_at, resumed_from_step) VALUES (?, ?)", (time.time(), resumed_from_step)
             ).lastrowid
-            self._db.execute(
-                "UPDATE batches SET trained_step = NULL WHERE trained_step > ?", (resumed_from_step,)
-            )
+            self._db.execute("UPDATE batches SET trained_step = NULL WHERE trained_step > ?", (resumed_from_step,))
         rows = self._db.execute("SELECT id, groups FROM batches WHERE trained_step IS NULL ORDER BY id").fetchall()
         return [(batch_id, json.loads(groups)) for batch_id, groups in rows]
 

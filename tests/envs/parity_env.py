@@ -47,7 +47,9 @@ class ParityEnv(BaseEnv):
             ensure_scores_are_not_same=False,
             wandb_name=cls.name,
         )
-        server = APIServerConfig(base_url="http://127.0.0.1:9000/v1", model_name="policy", server_type="vllm", api_key="unused")
+        server = APIServerConfig(
+            base_url="http://127.0.0.1:9000/v1", model_name="policy", server_type="vllm", api_key="unused"
+        )
         return config, [server]
 
     async def setup(self):
@@ -85,7 +87,9 @@ class ParityEnv(BaseEnv):
         so the ids are taken from apply_chat_template directly.)
         """
         completion = await self.server.chat_completion(
-            messages=messages, n=self.config.group_size, max_tokens=self.config.max_new_tokens,
+            messages=messages,
+            n=self.config.group_size,
+            max_tokens=self.config.max_new_tokens,
             temperature=self.config.temperature,
         )
         prefix = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
@@ -94,8 +98,8 @@ class ParityEnv(BaseEnv):
             chat = messages + [{"role": "assistant", "content": choice.message.content or ""}]
             tokens = list(self.tokenizer.apply_chat_template(chat, return_dict=False))
             group["tokens"].append(tokens)
-            group["masks"].append([-100] * len(prefix) + tokens[len(prefix):])
-            group["scores"].append(parity_score(tokens[len(prefix):]))
+            group["masks"].append([-100] * len(prefix) + tokens[len(prefix) :])
+            group["scores"].append(parity_score(tokens[len(prefix) :]))
         return group
 
     async def evaluate(self, *args, **kwargs):

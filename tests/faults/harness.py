@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from procs import base_overrides, cmdline, kill_group, processes_with_marker, spawn, train_command
+from procs import base_overrides, cmdline, processes_with_marker, spawn, train_command
 
 from atropos_verl.atropos import ApiServerProcess
 from atropos_verl.metrics import read_metrics
@@ -54,19 +54,26 @@ def _run_with_fault(
     inject: Callable[[str], str],
     steps: int,
 ) -> tuple[int, str, Optional[float], str, Path]:
-    """Run, call ``inject(marker)`` once ``inject_after_step`` is logged; returns (exit code, log, recovery s, note, run dir)."""
+    """Run, call ``inject(marker)`` once ``inject_after_step`` is logged.
+
+    Returns (exit code, log, recovery s, note, run dir).
+    """
     run_dir = tmp / name / "run"
     marker = uuid.uuid4().hex
     log_path = tmp / name / "trainer.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = train_command(*overrides, f"trainer.total_training_steps={steps}", f"trainer.run_dir={run_dir}",
-                        f"hydra.run.dir={tmp / name / 'hydra'}")
+    cmd = train_command(
+        *overrides,
+        f"trainer.total_training_steps={steps}",
+        f"trainer.run_dir={run_dir}",
+        f"hydra.run.dir={tmp / name / 'hydra'}",
+    )
     trainer = spawn(cmd, log_path, marker)
     injected_at = recover_s = None
     note = ""
     try:
         deadline = time.monotonic() + RUN_TIMEOUT_S
-        while trainer.poll() is None and time.monotonic() < deadline:
+        while trainer.running and time.monotonic() < deadline:
             done = len(_steps(run_dir))
             if injected_at is None and done >= inject_after_step:
                 note = inject(marker)
@@ -75,8 +82,8 @@ def _run_with_fault(
                 recover_s = time.monotonic() - injected_at
             time.sleep(0.2)
     finally:
-        kill_group(trainer)
-    return trainer.returncode, log_path.read_text(), recover_s, note, run_dir
+        trainer.stop(timeout_s=60)
+    return trainer.returncode(), log_path.read_text(), recover_s, note, run_dir
 
 
 def _result(fault: str, injected: int, code: int, run_dir: Path, steps: int, recover_s, note: str) -> FaultResult:
@@ -96,8 +103,13 @@ def _result(fault: str, injected: int, code: int, run_dir: Path, steps: int, rec
 
 def scripted(api_port: int, extra: list[str] = (), env_args: str = "--env.pattern,score") -> list[str]:
     """The scripted environment sending identical score groups; a checkpoint every 2 steps."""
-    return [*base_overrides(api_port, steps=1), "data=scripted", f"data.envs.0.args=[{env_args}]",
-            "trainer.save_freq=2", *extra]
+    return [
+        *base_overrides(api_port, steps=1),
+        "data=scripted",
+        f"data.envs.0.args=[{env_args}]",
+        "trainer.save_freq=2",
+        *extra,
+    ]
 
 
 def api_restart(tmp: Path) -> FaultResult:
@@ -129,7 +141,9 @@ BAD_GROUPS = {
     "empty sequence": {"tokens": [[]] * 4, "masks": [[]] * 4},
     "every token masked": {"tokens": [[1, 2, 3]] * 4, "masks": [[-100, -100, -100]] * 4},
     "advantages of the wrong length": {
-        "tokens": [[1, 2, 3]] * 4, "masks": [[-100, 2, 3]] * 4, "advantages": [[1.0]] * 4,
+        "tokens": [[1, 2, 3]] * 4,
+        "masks": [[-100, 2, 3]] * 4,
+        "advantages": [[1.0]] * 4,
     },
     "sequence longer than max_token_len": {"tokens": [[5] * 300] * 4, "masks": [[5] * 300] * 4},
 }
@@ -156,9 +170,12 @@ def bad_groups(tmp: Path) -> FaultResult:
         code, log, recover_s, note, run_dir = _run_with_fault(
             # The env may run at most one batch ahead, so the bad groups are queued behind at most
             # two good batches and all reach the trainer within the run, however slow the machine.
-            tmp, "bad-groups",
+            tmp,
+            "bad-groups",
             scripted(port, ["atropos.start_api=never"], env_args="--env.pattern,score,--env.max_batches_offpolicy,1"),
-            1, inject, steps=6,
+            1,
+            inject,
+            steps=6,
         )
     finally:
         api.stop()
@@ -179,8 +196,12 @@ def env_crash(tmp: Path) -> FaultResult:
         return f"environment pid {pids} killed"
 
     code, log, recover_s, note, run_dir = _run_with_fault(
-        tmp, "env-crash", scripted(free_port(), env_args="--env.pattern,score,--env.max_batches_offpolicy,1"),
-        2, inject, steps=6,
+        tmp,
+        "env-crash",
+        scripted(free_port(), env_args="--env.pattern,score,--env.max_batches_offpolicy,1"),
+        2,
+        inject,
+        steps=6,
     )
     note += "; restarted by the supervisor" if "restarted environment scripted[0]" in log else "; NOT restarted"
     return _result("environment crash", 1, code, run_dir, 6, recover_s, note)

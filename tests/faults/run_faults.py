@@ -1,6 +1,6 @@
 """`make faults`: inject every fault into a CPU run and print the table.
 
-    python tests/faults/run_faults.py [scenario ...]      # default: all
+python tests/faults/run_faults.py [scenario ...]      # default: all
 """
 
 from __future__ import annotations

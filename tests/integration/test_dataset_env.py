@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,15 +24,16 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from procs import REPO, base_overrides, run_to_end, train_command
+from procs import base_overrides, run_to_end, spawn, train_command
 
 from atropos_verl.atropos import AtroposClient, TrainerRegistration
 from atropos_verl.data.sources import render_prompt
-from atropos_verl.engines.base import ReplicaSpec
-from atropos_verl.engines.vllm import VLLMReplica
-from atropos_verl.gateway import Gateway
 from atropos_verl.metrics import read_metrics
 from atropos_verl.netutil import free_port
+from atropos_verl.procs import ChildProcess
+from atropos_verl.serving.gateway import Gateway
+from atropos_verl.serving.replicas.base import ReplicaSpec
+from atropos_verl.serving.replicas.vllm import VLLMReplica
 
 pytestmark = pytest.mark.integration
 
@@ -75,7 +73,9 @@ def write_inputs(tmp_path: Path) -> tuple[Path, Path]:
     return parquet, jsonl
 
 
-def env_command(source: Path, server_type: str, api_url: str, gateway_url: str, model: str, tmp_path: Path, *extra: str) -> list[str]:
+def env_command(
+    source: Path, server_type: str, api_url: str, gateway_url: str, model: str, tmp_path: Path, *extra: str
+) -> list[str]:
     name = f"{source.suffix[1:]}-{server_type}"
     return [
         sys.executable, "-m", "atropos_verl.envs.dataset", "serve",
@@ -89,24 +89,17 @@ def env_command(source: Path, server_type: str, api_url: str, gateway_url: str, 
     ]  # fmt: skip
 
 
-def start(cmd: list[str], log_path: Path) -> subprocess.Popen:
-    log = open(log_path, "w")
-    # A new session makes the process group ours to stop.
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+def start(cmd: list[str], log_path: Path) -> ChildProcess:
+    return spawn(cmd, log_path)
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+def stop(proc: ChildProcess) -> None:
+    proc.stop(timeout_s=30)
 
 
-def check_group(group: dict[str, Any], prompts: dict[tuple[int, ...], str], tokenizer: Any, with_logprobs: bool) -> None:
+def check_group(
+    group: dict[str, Any], prompts: dict[tuple[int, ...], str], tokenizer: Any, with_logprobs: bool
+) -> None:
     """Prompt tokens masked, answer tokens trained, scores = verl's gsm8k reward of the answer text."""
     from verl.utils.reward_score import default_compute_score
 
@@ -132,7 +125,9 @@ def check_group(group: dict[str, Any], prompts: dict[tuple[int, ...], str], toke
     assert group["generation_params"] == {"temperature": 1.0}
 
 
-async def collect_batches(api_url: str, want_envs: int, evals_file: Path, procs: list[subprocess.Popen], deadline_s: float) -> list[dict]:
+async def collect_batches(
+    api_url: str, want_envs: int, evals_file: Path, procs: list[ChildProcess], deadline_s: float
+) -> list[dict]:
     """Register as the trainer and pull batches until every environment has been seen and the eval has run."""
     registration = TrainerRegistration(
         wandb_group="test", wandb_project="test", batch_size=BATCH_SIZE, max_token_len=MAX_TOKEN_LEN,
@@ -143,15 +138,17 @@ async def collect_batches(api_url: str, want_envs: int, evals_file: Path, procs:
         await client.register()
         deadline = time.monotonic() + deadline_s
         while time.monotonic() < deadline:
-            assert all(p.poll() is None for p in procs), "an environment exited"
+            assert all(p.running for p in procs), "an environment exited"
             batch = await client.get_batch()
             if batch:
                 groups.extend(batch)
             if len({g["env_id"] for g in groups}) >= want_envs and evals_file.exists():
                 return groups
             await asyncio.sleep(0.5)
-    raise AssertionError(f"after {deadline_s}s: {len(groups)} groups from envs {sorted({g['env_id'] for g in groups})}, "
-                         f"eval written: {evals_file.exists()}")  # fmt: skip
+    envs = sorted({g["env_id"] for g in groups})
+    raise AssertionError(
+        f"after {deadline_s}s: {len(groups)} groups from envs {envs}, eval written: {evals_file.exists()}"
+    )
 
 
 @pytest.mark.timeout(600)
@@ -161,10 +158,12 @@ def test_parquet_and_jsonl_envs_send_scored_groups_through_the_api(atropos_api, 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     parquet, jsonl = write_inputs(tmp_path)
     chat_prompts = {
-        tuple(render_prompt(tokenizer, [{"role": "user", "content": q + INSTRUCTION}], "chat").token_ids): t for q, t in QUESTIONS
+        tuple(render_prompt(tokenizer, [{"role": "user", "content": q + INSTRUCTION}], "chat").token_ids): t
+        for q, t in QUESTIONS
     }
     plain_prompts = {
-        tuple(render_prompt(tokenizer, [{"role": "user", "content": q + INSTRUCTION}], "plain").token_ids): t for q, t in QUESTIONS
+        tuple(render_prompt(tokenizer, [{"role": "user", "content": q + INSTRUCTION}], "plain").token_ids): t
+        for q, t in QUESTIONS
     }
     evals = tmp_path / "evals"
 

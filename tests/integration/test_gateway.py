@@ -13,15 +13,9 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
@@ -34,7 +28,8 @@ from atroposlib.envs.server_handling.sglang_server import SGLangServer
 from atroposlib.envs.server_handling.vllm_server import VLLMServer
 
 from atropos_verl.netutil import free_port
-from atropos_verl.gateway import Gateway
+from atropos_verl.procs import ChildFailed, ChildProcess, http_ok
+from atropos_verl.serving.gateway import Gateway
 
 pytestmark = pytest.mark.integration
 
@@ -52,27 +47,10 @@ T = TypeVar("T")
 # --- fixtures and helpers ----------------------------------------------------------------
 
 
-def _log_tail(path: Path, lines: int = 40) -> str:
-    with path.open("r", encoding="utf-8", errors="replace") as fh:
-        return "".join(deque(fh, maxlen=lines))
-
-
-def _stop_process_group(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        # start_new_session made the group ours: vLLM's engine-core child goes with it.
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def vllm_url(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log_path = tmp_path_factory.mktemp("vllm") / "vllm.log"
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", tiny_model, "--host", "127.0.0.1", "--port", str(port),
@@ -80,27 +58,16 @@ def vllm_url(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "--served-model-name", SERVED_NAME, "--gpu-memory-utilization", "0.4",
     ]  # fmt: skip
     env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+    server = ChildProcess("vLLM", tmp_path_factory.mktemp("vllm") / "vllm.log")
+    server.start(cmd, env=env)
     try:
-        deadline = time.monotonic() + VLLM_READY_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vLLM exited with {proc.returncode} while starting:\n{_log_tail(log_path)}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"vLLM not healthy after {VLLM_READY_TIMEOUT_S}s:\n{_log_tail(log_path)}")
-            time.sleep(0.5)
+        try:
+            server.wait_ready(lambda: http_ok(f"{url}/health"), VLLM_READY_TIMEOUT_S, "GET /health")
+        except ChildFailed as exc:
+            pytest.fail(str(exc))
         yield url
     finally:
-        _stop_process_group(proc)
+        server.stop(timeout_s=30)
 
 
 def run(scenario: Callable[[], Coroutine[Any, Any, T]], timeout_s: float = SCENARIO_TIMEOUT_S) -> T:
@@ -322,8 +289,12 @@ def test_openai_client_completion_chat_and_stream(vllm_url: str, tiny_model: str
             async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as session:
                 async with session.post(
                     f"{gateway.url}/v1/chat/completions",
-                    json={"model": ENV_MODEL_NAME, "messages": [{"role": "user", "content": "hi"}],
-                          "max_tokens": 4, "stream": True},
+                    json={
+                        "model": ENV_MODEL_NAME,
+                        "messages": [{"role": "user", "content": "hi"}],
+                        "max_tokens": 4,
+                        "stream": True,
+                    },
                     headers={"Authorization": f"Bearer {API_KEY}"},
                 ) as response:
                     assert response.status == 200
@@ -454,7 +425,7 @@ def test_pause_drains_in_flight_requests(caplog: pytest.LogCaptureFixture) -> No
             gateway.resume(1)
             slower = asyncio.create_task(post(url, {"delay": 1.5}))
             await wait_until(lambda: gateway.in_flight == 1)
-            with caplog.at_level(logging.WARNING, logger="atropos_verl.gateway"):
+            with caplog.at_level(logging.WARNING, logger="atropos_verl.serving.gateway"):
                 assert await gateway.pause(drain_timeout_s=0.2) is False
             assert "1 requests still in flight" in caplog.text
             gateway.resume(2)
@@ -509,7 +480,7 @@ def test_refused_backend_fails_over_then_502(vllm_url: str, caplog: pytest.LogCa
             assert status == 502 and headers["X-Policy-Version"] == "0"
             assert body["error"]["type"] == "backend_unreachable" and dead in body["error"]["message"]
 
-    with caplog.at_level(logging.WARNING, logger="atropos_verl.gateway"):
+    with caplog.at_level(logging.WARNING, logger="atropos_verl.serving.gateway"):
         run(scenario)
 
 

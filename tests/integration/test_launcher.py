@@ -20,7 +20,6 @@ from procs import (
     REPO,
     base_overrides,
     cmdline,
-    kill_group,
     listening,
     processes_with_marker,
     run_to_end,
@@ -32,6 +31,7 @@ from atropos_verl.metrics import read_metrics
 from atropos_verl.netutil import free_port
 
 pytestmark = pytest.mark.integration
+
 
 @pytest.mark.timeout(900)
 def test_whole_system_restarts_a_killed_environment_and_stops_cleanly(tmp_path):
@@ -56,7 +56,7 @@ def test_whole_system_restarts_a_killed_environment_and_stops_cleanly(tmp_path):
     killed = None
     try:
         deadline = time.monotonic() + 720
-        while trainer.poll() is None and time.monotonic() < deadline:
+        while trainer.running and time.monotonic() < deadline:
             metrics_file = run_dir / "metrics.jsonl"
             if killed is None and metrics_file.exists() and metrics_file.read_text().strip():
                 envs = [p for p in processes_with_marker(marker) if "parity_env.py" in cmdline(p)]
@@ -65,9 +65,9 @@ def test_whole_system_restarts_a_killed_environment_and_stops_cleanly(tmp_path):
                 os.kill(killed, signal.SIGKILL)
             time.sleep(0.5)
         log_text = log_path.read_text()
-        assert trainer.returncode == 0, log_text[-6000:]
+        assert trainer.returncode() == 0, log_text[-6000:]
     finally:
-        kill_group(trainer)
+        trainer.stop(timeout_s=60)
 
     assert killed is not None
     assert "environment parity[0] exited with status -9; restarting" in log_text
@@ -149,6 +149,10 @@ def test_multirun_sweeps_advantage_clipping(tmp_path):
     assert sorted(max_advantage.values()) == [1.0, 3.0], max_advantage
 
     table = subprocess.run(
-        [sys.executable, "experiments/tabulate.py", str(sweep_dir)], cwd=REPO, capture_output=True, text=True, check=True
+        [sys.executable, "experiments/tabulate.py", str(sweep_dir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert "advantage.clip=[-1.0,1.0]" in table and "advantage.clip=[-3.0,3.0]" in table

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from procs import REPO, kill_group, spawn
 import torch
+from procs import REPO, spawn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from atropos_verl.metrics import read_metrics
@@ -55,7 +55,9 @@ def test_trainer_learns_from_a_real_environment(atropos_api, tiny_model, tmp_pat
     run_dir = tmp_path / "run"
     trainer = spawn(
         [
-            sys.executable, "-m", "atropos_verl.train",
+            sys.executable,
+            "-m",
+            "atropos_verl.train",
             f"model.path={tiny_model}",
             f"atropos.api_url={atropos_api.url}",
             "atropos.timeout=30",
@@ -75,23 +77,28 @@ def test_trainer_learns_from_a_real_environment(atropos_api, tiny_model, tmp_pat
     )
     env = spawn(
         [
-            sys.executable, str(REPO / "tests" / "envs" / "scripted_env.py"), "serve",
-            "--env.rollout_server_url", atropos_api.url,
-            "--env.tokenizer_name", tiny_model,
-            "--env.vocab_size", "49152",
+            sys.executable,
+            str(REPO / "tests" / "envs" / "scripted_env.py"),
+            "serve",
+            "--env.rollout_server_url",
+            atropos_api.url,
+            "--env.tokenizer_name",
+            tiny_model,
+            "--env.vocab_size",
+            "49152",
         ],
         tmp_path / "env.log",
     )
     try:
         deadline = time.monotonic() + 600
-        while trainer.poll() is None and time.monotonic() < deadline:
-            assert env.poll() is None, (tmp_path / "env.log").read_text()[-3000:]
+        while trainer.running and time.monotonic() < deadline:
+            assert env.running, (tmp_path / "env.log").read_text()[-3000:]
             time.sleep(1)
         trainer_log = (tmp_path / "trainer.log").read_text()
-        assert trainer.returncode == 0, trainer_log[-5000:]
+        assert trainer.returncode() == 0, trainer_log[-5000:]
     finally:
-        kill_group(env)
-        kill_group(trainer)
+        env.stop(timeout_s=60)
+        trainer.stop(timeout_s=60)
 
     metrics = read_metrics(run_dir / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))

@@ -8,10 +8,10 @@ import sys
 import time
 
 import pytest
-from procs import REPO, kill_group, spawn
+from procs import REPO, spawn
 
-from atropos_verl.netutil import free_port
 from atropos_verl.metrics import read_metrics
+from atropos_verl.netutil import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -20,14 +20,23 @@ STEPS = 3
 
 def parity_env(server_type, api_url, gateway_url, tiny_model, groups_file):
     return [
-        sys.executable, str(REPO / "tests" / "envs" / "parity_env.py"), "serve",
-        "--env.rollout_server_url", api_url,
-        "--env.tokenizer_name", tiny_model,
-        "--env.data_path_to_save_groups", str(groups_file),
-        "--openai.base_url", f"{gateway_url}/v1",
-        "--openai.model_name", tiny_model,
-        "--openai.server_type", server_type,
-        "--openai.api_key", "unused",
+        sys.executable,
+        str(REPO / "tests" / "envs" / "parity_env.py"),
+        "serve",
+        "--env.rollout_server_url",
+        api_url,
+        "--env.tokenizer_name",
+        tiny_model,
+        "--env.data_path_to_save_groups",
+        str(groups_file),
+        "--openai.base_url",
+        f"{gateway_url}/v1",
+        "--openai.model_name",
+        tiny_model,
+        "--openai.server_type",
+        server_type,
+        "--openai.api_key",
+        "unused",
     ]
 
 
@@ -42,7 +51,10 @@ def test_rl_loop_with_vllm_and_two_environments(atropos_api, tiny_model, tmp_pat
     gateway_url = f"http://127.0.0.1:{free_port()}"
     trainer = spawn(
         [
-            sys.executable, "-m", "atropos_verl.train", "engine=vllm",
+            sys.executable,
+            "-m",
+            "atropos_verl.train",
+            "engine=vllm",
             f"model.path={tiny_model}",
             f"atropos.api_url={atropos_api.url}",
             "atropos.batch_timeout=300",
@@ -64,22 +76,26 @@ def test_rl_loop_with_vllm_and_two_environments(atropos_api, tiny_model, tmp_pat
         tmp_path / "trainer.log",
     )
     envs = [
-        spawn(parity_env("vllm", atropos_api.url, gateway_url, tiny_model, tmp_path / "vllm_groups.jsonl"),
-              tmp_path / "env_vllm.log"),
-        spawn(parity_env("openai", atropos_api.url, gateway_url, tiny_model, tmp_path / "openai_groups.jsonl"),
-              tmp_path / "env_openai.log"),
+        spawn(
+            parity_env("vllm", atropos_api.url, gateway_url, tiny_model, tmp_path / "vllm_groups.jsonl"),
+            tmp_path / "env_vllm.log",
+        ),
+        spawn(
+            parity_env("openai", atropos_api.url, gateway_url, tiny_model, tmp_path / "openai_groups.jsonl"),
+            tmp_path / "env_openai.log",
+        ),
     ]
     try:
         deadline = time.monotonic() + 720
-        while trainer.poll() is None and time.monotonic() < deadline:
+        while trainer.running and time.monotonic() < deadline:
             for env, name in zip(envs, ("env_vllm", "env_openai")):
-                assert env.poll() is None, (tmp_path / f"{name}.log").read_text()[-3000:]
+                assert env.running, (tmp_path / f"{name}.log").read_text()[-3000:]
             time.sleep(1)
         trainer_log = (tmp_path / "trainer.log").read_text()
-        assert trainer.returncode == 0, trainer_log[-6000:]
+        assert trainer.returncode() == 0, trainer_log[-6000:]
     finally:
         for proc in envs + [trainer]:
-            kill_group(proc)
+            proc.stop(timeout_s=60)
 
     metrics = read_metrics(run_dir / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))

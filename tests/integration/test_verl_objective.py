@@ -16,12 +16,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from atropos_verl.actor import Actor
 from atropos_verl.advantages import token_advantages
 from atropos_verl.batch import build_batch
 from atropos_verl.config import AdvantageConfig, RunConfig
 from atropos_verl.groups import GroupLimits, parse_group
 from atropos_verl.loss import advantage_weighted_token_loss
+from atropos_verl.policy.actor import Actor
 
 pytestmark = pytest.mark.integration
 
@@ -101,7 +101,9 @@ def reference(model_path, group):
         "fixed-packed-micro-batches",
     ],
 )
-def test_engine_loss_and_gradient_match_reference(tiny_model, ranks, max_token_len_per_gpu, remove_padding, micro_batch_size):
+def test_engine_loss_and_gradient_match_reference(
+    tiny_model, ranks, max_token_len_per_gpu, remove_padding, micro_batch_size
+):
     """None as micro_batch_size: verl's token-budget micro-batches; a number: fixed-size micro-batches."""
     group = scripted_groups(vocab_size=49152)
     want_loss, want_grad_norm = reference(tiny_model, group)
@@ -124,9 +126,15 @@ def test_each_mini_batch_is_one_optimizer_step_on_its_rows(tiny_model):
     group = scripted_groups(vocab_size=49152)
     expected = [reference(tiny_model, group_rows(group, half)) for half in (slice(0, 2), slice(2, 4))]
     metrics = train_one_batch(
-        tiny_model, group, num_mini_batches=2, use_dynamic_bsz=False, micro_batch_size_per_gpu=1, max_token_len_per_gpu=64
+        tiny_model,
+        group,
+        num_mini_batches=2,
+        use_dynamic_bsz=False,
+        micro_batch_size_per_gpu=1,
+        max_token_len_per_gpu=64,
     )
-    # Actor.train reports the mean over mini-batches; the tiny learning rate keeps the second step's weights the first's.
+    # Actor.train reports the mean over mini-batches; the tiny learning rate keeps the second step's
+    # weights the first's.
     assert metrics["train/loss"] == pytest.approx(np.mean([loss for loss, _ in expected]), rel=1e-4)
     assert metrics["train/grad_norm"] == pytest.approx(np.mean([norm for _, norm in expected]), rel=1e-3)
 
@@ -148,7 +156,13 @@ def train_one_batch(model_path, group, **settings):
     advantages, _ = token_advantages([group], AdvantageConfig(clip=None))
     actor = Actor(cfg, model_path)
     try:
-        batch, _ = build_batch([group], advantages, reduction="token-mean", use_sampling_temperature=True, pad_to_multiple=actor.batch_multiple)
+        batch, _ = build_batch(
+            [group],
+            advantages,
+            reduction="token-mean",
+            use_sampling_temperature=True,
+            pad_to_multiple=actor.batch_multiple,
+        )
         return actor.train(batch)
     finally:
         actor.shutdown()

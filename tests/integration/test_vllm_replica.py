@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import aiohttp
 import pytest
 
-from atropos_verl.engines import EngineError, ReplicaSpec, VLLMReplica
+from atropos_verl.serving.replicas import EngineError, ReplicaSpec, VLLMReplica
 
 pytestmark = pytest.mark.integration
 

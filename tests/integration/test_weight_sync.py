@@ -11,14 +11,15 @@ import aiohttp
 import pytest
 from transformers import AutoTokenizer
 
-from atropos_verl.actor import Actor
 from atropos_verl.advantages import token_advantages
 from atropos_verl.batch import build_batch
 from atropos_verl.config import AdvantageConfig, RunConfig
-from atropos_verl.engines import ReplicaSpec, VLLMReplica
-from atropos_verl.gateway import POLICY_VERSION_HEADER, Gateway
 from atropos_verl.groups import GroupLimits, parse_group
-from atropos_verl.sync import SyncMismatchError, WeightSync, default_weights_root
+from atropos_verl.policy.actor import Actor
+from atropos_verl.serving.gateway import POLICY_VERSION_HEADER, Gateway
+from atropos_verl.serving.replicas import ReplicaSpec, VLLMReplica
+from atropos_verl.serving.sync import SyncMismatchError, WeightSync
+from atropos_verl.serving.transports.folder import FolderTransport, default_weights_root
 
 pytestmark = pytest.mark.integration
 
@@ -29,8 +30,13 @@ TARGET = " banana banana banana banana"
 async def greedy(session: aiohttp.ClientSession, url: str, prompt_ids: list[int], max_tokens: int = 8):
     async with session.post(
         f"{url}/v1/completions",
-        json={"model": "policy", "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0,
-              "return_token_ids": True},
+        json={
+            "model": "policy",
+            "prompt": prompt_ids,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "return_token_ids": True,
+        },
     ) as resp:
         body = await resp.json()
         assert resp.status == 200, body
@@ -43,11 +49,13 @@ def sft_batch(prompt_ids: list[int], target_ids: list[int], multiple: int):
     masks = [-100] * len(prompt_ids) + target_ids
     group = parse_group(
         {"tokens": [tokens, tokens], "masks": [masks, masks], "scores": [1.0, 1.0], "overrides": [{"sft": True}] * 2},
-        "sft", GroupLimits(vocab_size=49152, max_token_len=128),
+        "sft",
+        GroupLimits(vocab_size=49152, max_token_len=128),
     )
     advantages, _ = token_advantages([group], AdvantageConfig())
-    batch, _ = build_batch([group], advantages, reduction="token-mean", use_sampling_temperature=True,
-                           pad_to_multiple=multiple)
+    batch, _ = build_batch(
+        [group], advantages, reduction="token-mean", use_sampling_temperature=True, pad_to_multiple=multiple
+    )
     return batch
 
 
@@ -68,17 +76,23 @@ def test_sync_changes_the_engine_and_is_proven(tiny_model, tmp_path):
 
     async def scenario():
         replica = VLLMReplica(
-            ReplicaSpec(model_path=tiny_model, served_model_name="policy", dtype="float32", max_model_len=256,
-                        gpu_memory_utilization=0.4),
-            name="vllm-sync", log_dir=tmp_path,
+            ReplicaSpec(
+                model_path=tiny_model,
+                served_model_name="policy",
+                dtype="float32",
+                max_model_len=256,
+                gpu_memory_utilization=0.4,
+            ),
+            name="vllm-sync",
+            log_dir=tmp_path,
         )
         gateway = Gateway([], model_name="policy", max_wait_s=120)
         await gateway.start()
         actor_start = asyncio.to_thread(Actor, cfg, tiny_model)
         actor, _ = await asyncio.gather(actor_start, replica.start(600))
         gateway.set_backends([replica.base_url])
-        sync = WeightSync(actor, [replica], gateway, weights_root=default_weights_root(), dtype="float32",
-                          bucket_bytes=4 << 20, check_threshold=1e-3)
+        transport = FolderTransport(actor, root=default_weights_root(), dtype="float32", bucket_bytes=4 << 20)
+        sync = WeightSync(actor, [replica], gateway, transport, check_threshold=1e-3)
         try:
             async with aiohttp.ClientSession() as session:
                 before, version = await greedy(session, gateway.url, prompt_ids)

@@ -68,7 +68,9 @@ def test_env_token_advantages_win_and_are_clipped():
 
 def test_env_advantages_ignored_when_disabled():
     env_adv = [[9.0] * 4, [9.0] * 4]
-    result, _ = token_advantages([group([1.0, 0.0], advantages=env_adv)], AdvantageConfig(use_env_advantages=False, clip=None))
+    result, _ = token_advantages(
+        [group([1.0, 0.0], advantages=env_adv)], AdvantageConfig(use_env_advantages=False, clip=None)
+    )
     assert sequence_values(result) == [pytest.approx([1.0, -1.0], abs=1e-5)]
 
 

@@ -46,21 +46,35 @@ def test_shifted_layout_of_mask_and_advantages():
 
 def test_position_zero_is_never_trained():
     group = parse_group({"tokens": [[1, 2, 3]], "masks": [[1, 2, 3]], "scores": [1.0]}, "g", LIMITS)
-    batch, stats = build_batch([group], advantages_for(group, [1.0]), reduction="token-mean", use_sampling_temperature=True, pad_to_multiple=1)
+    batch, stats = build_batch(
+        [group], advantages_for(group, [1.0]), reduction="token-mean", use_sampling_temperature=True, pad_to_multiple=1
+    )
     assert rows(batch, "loss_mask") == [[1, 1, 0]]
     assert stats.num_trained_tokens == 2
 
 
 def test_sequence_mean_weights_sum_to_one_per_sequence():
     group = make_group()
-    batch, _ = build_batch([group], advantages_for(group, [1.0, 1.0]), reduction="sequence-mean", use_sampling_temperature=True, pad_to_multiple=1)
+    batch, _ = build_batch(
+        [group],
+        advantages_for(group, [1.0, 1.0]),
+        reduction="sequence-mean",
+        use_sampling_temperature=True,
+        pad_to_multiple=1,
+    )
     sums = [sum(r) for r in rows(batch, "loss_mask")]
     assert sums == pytest.approx([1.0, 1.0])
 
 
 def test_inference_logprobs_are_shifted_with_a_validity_mask():
     group = make_group(inference_logprobs=[[1.0, 1.0, -0.1, 1.0, -0.2, -0.3], [1.0, -0.4, -0.5]])
-    batch, _ = build_batch([group], advantages_for(group, [1.0, 1.0]), reduction="token-mean", use_sampling_temperature=True, pad_to_multiple=1)
+    batch, _ = build_batch(
+        [group],
+        advantages_for(group, [1.0, 1.0]),
+        reduction="token-mean",
+        use_sampling_temperature=True,
+        pad_to_multiple=1,
+    )
     assert rows(batch, "old_log_probs")[1] == pytest.approx([-0.4, -0.5, 0.0])
     assert rows(batch, "old_log_probs")[0] == pytest.approx([1.0, -0.1, 1.0, -0.2, -0.3, 0.0])
     assert rows(batch, "has_old_log_probs") == [[1] * 6, [1] * 3]
@@ -68,15 +82,33 @@ def test_inference_logprobs_are_shifted_with_a_validity_mask():
 
 def test_per_sequence_temperature_and_switch():
     group = make_group(overrides=[{"temperature": 0.5}, {}], generation_params={"temperature": 0.9})
-    batch, _ = build_batch([group], advantages_for(group, [1.0, 1.0]), reduction="token-mean", use_sampling_temperature=True, pad_to_multiple=1)
+    batch, _ = build_batch(
+        [group],
+        advantages_for(group, [1.0, 1.0]),
+        reduction="token-mean",
+        use_sampling_temperature=True,
+        pad_to_multiple=1,
+    )
     assert batch["temperature"].tolist() == pytest.approx([0.5, 0.9])
-    batch, _ = build_batch([group], advantages_for(group, [1.0, 1.0]), reduction="token-mean", use_sampling_temperature=False, pad_to_multiple=1)
+    batch, _ = build_batch(
+        [group],
+        advantages_for(group, [1.0, 1.0]),
+        reduction="token-mean",
+        use_sampling_temperature=False,
+        pad_to_multiple=1,
+    )
     assert batch["temperature"] == 1.0
 
 
 def test_padding_rows_carry_no_weight():
     group = make_group()
-    batch, stats = build_batch([group], advantages_for(group, [1.0, -1.0]), reduction="token-mean", use_sampling_temperature=True, pad_to_multiple=4)
+    batch, stats = build_batch(
+        [group],
+        advantages_for(group, [1.0, -1.0]),
+        reduction="token-mean",
+        use_sampling_temperature=True,
+        pad_to_multiple=4,
+    )
     assert batch.batch_size[0] == 4
     assert stats.num_sequences == 2
     assert stats.num_padding_sequences == 2

@@ -19,12 +19,15 @@ def composed(*overrides):
     return cfg
 
 
-@pytest.mark.parametrize("group, options", [
-    ("model", ["tiny", "smollm2_135m", "dialogpt", "qwen2_5_0_5b"]),
-    ("advantage", ["grpo", "dr_grpo", "batch_norm", "raw"]),
-    ("engine", ["external"]),
-    ("data", ["atropos"]),
-])
+@pytest.mark.parametrize(
+    "group, options",
+    [
+        ("model", ["tiny", "smollm2_135m", "dialogpt", "qwen2_5_0_5b"]),
+        ("advantage", ["grpo", "dr_grpo", "batch_norm", "raw"]),
+        ("engine", ["external"]),
+        ("data", ["atropos"]),
+    ],
+)
 def test_every_group_option_composes_and_validates(group, options):
     for option in options:
         run = load_config(composed(f"{group}={option}"))
@@ -32,28 +35,48 @@ def test_every_group_option_composes_and_validates(group, options):
 
 
 def test_seed_keys_exist():
-    run = load_config(composed("atropos.api_url=http://127.0.0.1:9", "atropos.timeout=5", "model.path=/m",
-                               "trainer.total_training_steps=3", "trainer.n_gpus_per_node=2", "trainer.nnodes=2",
-                               "trainer.batch_size=8"))
+    run = load_config(
+        composed(
+            "atropos.api_url=http://127.0.0.1:9",
+            "atropos.timeout=5",
+            "model.path=/m",
+            "trainer.total_training_steps=3",
+            "trainer.n_gpus_per_node=2",
+            "trainer.nnodes=2",
+            "trainer.batch_size=8",
+        )
+    )
     assert (run.atropos.api_url, run.atropos.timeout, run.model.path) == ("http://127.0.0.1:9", 5.0, "/m")
     assert run.trainer.world_size == 4
 
 
-@pytest.mark.parametrize("overrides, key", [
-    (["+trainer.bogus=1"], "trainer.bogus"),
-    (["trainer.batch_size=abc"], "trainer.batch_size"),
-    (["advantage.normalization=median"], "advantage.normalization"),
-    (["advantage.clip=[3.0,1.0]"], "advantage.clip"),
-    (["loss.reduction=mean"], "loss.reduction"),
-    (["loss.clip_ratio=1.5"], "loss.clip_ratio"),
-    (["atropos.api_url=localhost:8000"], "atropos.api_url"),
-    (["trainer.device=tpu"], "trainer.device"),
-    (["trainer.n_gpus_per_node=2", "actor.ulysses_sequence_parallel_size=2"], "actor.ulysses_sequence_parallel_size"),
-    (["trainer.n_gpus_per_node=3", "actor.ulysses_sequence_parallel_size=2",
-      "model.attn_implementation=flash_attention_2"], "actor.ulysses_sequence_parallel_size"),
-    (["trainer.batch_size=2", "trainer.n_gpus_per_node=4"], "trainer.batch_size"),
-    (["actor.fused_optimizer=true", "actor.param_offload=true"], "actor.fused_optimizer"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["+trainer.bogus=1"], "trainer.bogus"),
+        (["trainer.batch_size=abc"], "trainer.batch_size"),
+        (["advantage.normalization=median"], "advantage.normalization"),
+        (["advantage.clip=[3.0,1.0]"], "advantage.clip"),
+        (["loss.reduction=mean"], "loss.reduction"),
+        (["loss.clip_ratio=1.5"], "loss.clip_ratio"),
+        (["atropos.api_url=localhost:8000"], "atropos.api_url"),
+        (["trainer.device=tpu"], "trainer.device"),
+        (
+            ["trainer.n_gpus_per_node=2", "actor.ulysses_sequence_parallel_size=2"],
+            "actor.ulysses_sequence_parallel_size",
+        ),
+        (
+            [
+                "trainer.n_gpus_per_node=3",
+                "actor.ulysses_sequence_parallel_size=2",
+                "model.attn_implementation=flash_attention_2",
+            ],
+            "actor.ulysses_sequence_parallel_size",
+        ),
+        (["trainer.batch_size=2", "trainer.n_gpus_per_node=4"], "trainer.batch_size"),
+        (["actor.fused_optimizer=true", "actor.param_offload=true"], "actor.fused_optimizer"),
+    ],
+)
 def test_bad_values_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as info:
         load_config(composed(*overrides))
@@ -61,7 +84,7 @@ def test_bad_values_name_the_key(overrides, key):
 
 
 def test_fused_optimizer_is_on_for_cuda_without_parameter_offload_unless_set():
-    from atropos_verl.actor import uses_fused_optimizer
+    from atropos_verl.policy.verl_config import uses_fused_optimizer
 
     assert uses_fused_optimizer(load_config(composed()), "cuda")
     assert not uses_fused_optimizer(load_config(composed()), "cpu")

@@ -79,7 +79,10 @@ def test_verl_parquet_rows_load_as_they_are(tmp_path):
     path = write_parquet(tmp_path / "train.parquet", [verl_row("What is 2+2?", "4"), verl_row("And 3+3?", "6")])
     rows = load_rows(str(path))
     examples = [normalize(row, i) for i, row in enumerate(rows)]
-    assert [e.prompt for e in examples] == [[{"role": "user", "content": "What is 2+2?"}], [{"role": "user", "content": "And 3+3?"}]]
+    assert [e.prompt for e in examples] == [
+        [{"role": "user", "content": "What is 2+2?"}],
+        [{"role": "user", "content": "And 3+3?"}],
+    ]
     assert [e.ground_truth for e in examples] == ["4", "6"]
     assert {e.data_source for e in examples} == {"openai/gsm8k"}
     # A verl prompt is final: no instruction is appended to it.
@@ -101,7 +104,9 @@ def test_plain_gsm8k_rows_get_the_number_after_hashes_and_verls_instruction(tmp_
 
 def test_field_mapping_and_overrides():
     row = {"q": "Name a prime.", "a": "2", "data_source": "row-source", "ability": "row-ability"}
-    example = normalize(row, 0, Fields(prompt="q", answer="a", data_source="math_dapo", ability="arith", instruction=""))
+    example = normalize(
+        row, 0, Fields(prompt="q", answer="a", data_source="math_dapo", ability="arith", instruction="")
+    )
     assert example.prompt == [{"role": "user", "content": "Name a prime."}]
     assert (example.ground_truth, example.data_source, example.ability) == ("2", "math_dapo", "arith")
     # Without overrides the row's own data_source and ability stand.
@@ -114,11 +119,15 @@ def test_field_mapping_and_overrides():
 
 def test_math_rows_take_the_last_boxed_answer():
     solution = "First \\boxed{1}, then actually $\\boxed{\\frac{1}{2}}$."
-    example = normalize({"problem": "Half of one?", "solution": solution}, 0, Fields(data_source="DigitalLearningGmbH/MATH-lighteval"))
+    example = normalize(
+        {"problem": "Half of one?", "solution": solution}, 0, Fields(data_source="DigitalLearningGmbH/MATH-lighteval")
+    )
     assert example.ground_truth == "\\frac{1}{2}"
     assert example.prompt[0]["content"].endswith("output the final answer within \\boxed{}.")
     # MATH-500 rows carry the short answer in "answer": it wins over the solution.
-    m500 = normalize({"problem": "p", "solution": "s \\boxed{3}", "answer": "3"}, 1, Fields(data_source="HuggingFaceH4/MATH-500"))
+    m500 = normalize(
+        {"problem": "p", "solution": "s \\boxed{3}", "answer": "3"}, 1, Fields(data_source="HuggingFaceH4/MATH-500")
+    )
     assert m500.ground_truth == "3"
 
 
@@ -153,7 +162,10 @@ def test_bad_rows_raise_bad_row_with_a_reason(row, kind):
 
 
 def test_bad_rows_are_skipped_counted_and_explained(tmp_path):
-    path = write_jsonl(tmp_path / "mixed.jsonl", [GSM8K_ROWS[0], "{not json", {"question": "Q"}, {"question": "Q", "answer": "x"}, GSM8K_ROWS[1]])
+    path = write_jsonl(
+        tmp_path / "mixed.jsonl",
+        [GSM8K_ROWS[0], "{not json", {"question": "Q"}, {"question": "Q", "answer": "x"}, GSM8K_ROWS[1]],
+    )
     rows = load_rows(str(path))
     examples, skipped = select(rows, lambda raw, i: normalize(raw, i, Fields(data_source="openai/gsm8k")))
     assert [e.ground_truth for e in examples] == ["7", "24"]
@@ -280,7 +292,11 @@ def test_gsm8k_scores_correct_above_wrong_and_reports_format_separately():
 
 def test_math_scores_correct_above_wrong():
     scorer = Scorer("verl")
-    lighteval = normalize({"problem": "Half?", "solution": "\\boxed{\\frac12}"}, 0, Fields(data_source="DigitalLearningGmbH/MATH-lighteval"))
+    lighteval = normalize(
+        {"problem": "Half?", "solution": "\\boxed{\\frac12}"},
+        0,
+        Fields(data_source="DigitalLearningGmbH/MATH-lighteval"),
+    )
     assert scorer(lighteval, "so it is \\boxed{\\frac{1}{2}}") == Score(1.0, True, True)  # verl normalises \frac12
     assert scorer(lighteval, "so it is \\boxed{2}") == Score(0.0, False, True)
     assert scorer(lighteval, "one half") == Score(0.0, False, False)
@@ -320,7 +336,9 @@ def test_rows_verl_cannot_score_are_bad_rows_unless_the_user_scores_them():
 def make_env(tiny_model: str, server_type: str = "vllm", **settings: Any) -> DatasetEnv:
     config, servers = DatasetEnv.config_init()
     fields = {**config.model_dump(), "tokenizer_name": tiny_model, **settings}
-    server = servers[0].model_copy(update={"model_name": tiny_model, "tokenizer_name": tiny_model, "server_type": server_type})
+    server = servers[0].model_copy(
+        update={"model_name": tiny_model, "tokenizer_name": tiny_model, "server_type": server_type}
+    )
     return DatasetEnv(DatasetEnvConfig(**fields), [server])
 
 
@@ -334,7 +352,12 @@ def test_env_setup_filters_long_prompts_and_bad_rows_and_logs_the_counts(tiny_mo
     assert all(len(p.rendered.token_ids) <= 128 for p in env.prompts)
     line = next(r.getMessage() for r in caplog.records if "train data" in r.getMessage())
     assert "3 prompts from 6 of its 6 rows" in line
-    assert "skipped 3 rows (" in line and "prompt too long 1" in line and "missing field 1" in line and "unreadable 1" in line
+    assert (
+        "skipped 3 rows (" in line
+        and "prompt too long 1" in line
+        and "missing field 1" in line
+        and "unreadable 1" in line
+    )
     assert "row 3: prompt too long: " in line and "> max_prompt_length 128" in line
     assert env.config.steps_per_eval == 0  # nothing to evaluate: never pause training for it
 
@@ -361,14 +384,14 @@ def test_env_items_are_a_deterministic_reshuffled_stream(tiny_model, tmp_path):
 
     first = stream(1)
     assert first == stream(1) and first != stream(2)
-    epochs = [first[i:i + 6] for i in range(0, 18, 6)]
+    epochs = [first[i : i + 6] for i in range(0, 18, 6)]
     assert all(sorted(e) == [str(i) for i in range(6)] for e in epochs)  # every prompt once per epoch
     assert epochs[0] != epochs[1]  # reshuffled each epoch
 
 
 def test_collect_builds_a_group_with_masks_scores_and_format_metrics(tiny_model, tmp_path, monkeypatch):
-    env = make_env(tiny_model, source=str(write_jsonl(tmp_path / "t.jsonl", GSM8K_ROWS[:1])), data_source="openai/gsm8k",
-                   group_size=4, temperature=0.7)  # fmt: skip
+    source = str(write_jsonl(tmp_path / "t.jsonl", GSM8K_ROWS[:1]))
+    env = make_env(tiny_model, source=source, data_source="openai/gsm8k", group_size=4, temperature=0.7)
     asyncio.run(env.setup())
     replies = ["so #### 7", "so #### 8", "seven", "#### 7"]
 
@@ -376,7 +399,9 @@ def test_collect_builds_a_group_with_masks_scores_and_format_metrics(tiny_model,
         assert (n, temperature) == (4, 0.7)
         prompt_len = len(prompt.token_ids)
         return [
-            Sample(prompt.token_ids + [5, 6], [-100] * prompt_len + [5, 6], [1.0] * prompt_len + [-0.5, -0.5], text, "stop")
+            Sample(
+                prompt.token_ids + [5, 6], [-100] * prompt_len + [5, 6], [1.0] * prompt_len + [-0.5, -0.5], text, "stop"
+            )
             for text in replies
         ]
 
@@ -396,7 +421,9 @@ def test_openai_server_type_tokenizes_chat_and_plain_answers(tiny_model, tmp_pat
 
     async def chat_completion(**kwargs):
         calls["chat"] = kwargs
-        return SimpleNamespace(choices=[SimpleNamespace(message=SimpleNamespace(content="#### 7"), finish_reason="stop")])
+        return SimpleNamespace(
+            choices=[SimpleNamespace(message=SimpleNamespace(content="#### 7"), finish_reason="stop")]
+        )
 
     async def completion(**kwargs):
         calls["completion"] = kwargs
@@ -419,7 +446,9 @@ def test_openai_server_type_tokenizes_chat_and_plain_answers(tiny_model, tmp_pat
 
 
 def test_scoring_failures_score_zero_and_are_counted(tiny_model, tmp_path):
-    env = make_env(tiny_model, source=str(write_jsonl(tmp_path / "t.jsonl", GSM8K_ROWS[:1])), data_source="openai/gsm8k")
+    env = make_env(
+        tiny_model, source=str(write_jsonl(tmp_path / "t.jsonl", GSM8K_ROWS[:1])), data_source="openai/gsm8k"
+    )
     asyncio.run(env.setup())
     env.scorer = Scorer(f"{__name__}:exploding_reward")
     assert env._score(env.prompts[0].example, "anything") == Score(0.0, False, False)
@@ -447,7 +476,12 @@ def test_evaluate_scores_held_out_data_greedily_and_logs_eval_metrics(tiny_model
     monkeypatch.setattr(env, "_sample", fake_sample)
     with caplog.at_level(logging.INFO, logger="atropos_verl"):
         asyncio.run(env.evaluate())
-    assert env.pending_eval_metrics == {"eval/correct": 0.5, "eval/formatted": 0.5, "eval/score": 0.5, "eval/prompts": 2.0}
+    assert env.pending_eval_metrics == {
+        "eval/correct": 0.5,
+        "eval/formatted": 0.5,
+        "eval/score": 0.5,
+        "eval/prompts": 2.0,
+    }
     assert any("eval at step 0 on 2 prompts (greedy): correct 0.500" in r.getMessage() for r in caplog.records)
     saved = json.loads((evals / "metrics.json").read_text())
     assert saved["results"]["all"]["eval/correct"] == 0.5
@@ -477,7 +511,12 @@ def test_prepare_writes_verl_parquet_that_loads_back_unchanged(tmp_path, capsys)
     prepared = [normalize(row, i) for i, row in enumerate(load_rows(str(tmp_path / "out"), "train"))]
     direct = [normalize(row, i, Fields(data_source="openai/gsm8k")) for i, row in enumerate(GSM8K_ROWS)]
     for got, want in zip(prepared, direct):
-        assert (got.prompt, got.ground_truth, got.data_source, got.ability) == (want.prompt, want.ground_truth, want.data_source, want.ability)
+        assert (got.prompt, got.ground_truth, got.data_source, got.ability) == (
+            want.prompt,
+            want.ground_truth,
+            want.data_source,
+            want.ability,
+        )
         assert got.extra_info["split"] == "train"
     assert len(prepared) == 3
 
@@ -490,7 +529,17 @@ def test_prepare_jsonl_with_field_flags_and_errors(tmp_path, capsys):
     (row,) = pq.read_table(tmp_path / "o" / "test.parquet").to_pylist()
     assert row["prompt"] == [{"role": "user", "content": "Double 21?"}] and row["reward_model"]["ground_truth"] == "42"
     assert prepare_cli.main(["jsonl", "--out", str(tmp_path / "o")]) == 2
-    no_source = ["jsonl", "--out", str(tmp_path / "o"), "--source", str(source), "--prompt-field", "q", "--answer-field", "a"]
+    no_source = [
+        "jsonl",
+        "--out",
+        str(tmp_path / "o"),
+        "--source",
+        str(source),
+        "--prompt-field",
+        "q",
+        "--answer-field",
+        "a",
+    ]
     assert prepare_cli.main(no_source) == 2
     errors = capsys.readouterr().err
     assert "jsonl needs --source" in errors and "(no data_source 1)" in errors
@@ -516,13 +565,21 @@ def test_dataset_groups_compose_into_dataset_environments(group):
     run = load_config(composed(f"data={group}"))
     assert run.data.envs and all(env.module == "atropos_verl.envs.dataset" for env in run.data.envs)
     for env in run.data.envs:
-        config = DatasetEnvConfig(**{a[len("--env."):]: b for a, b in zip(env.args[::2], env.args[1::2])})
+        config = DatasetEnvConfig(**{a[len("--env.") :]: b for a, b in zip(env.args[::2], env.args[1::2])})
         assert config.source and config.max_response_length == run.data.max_response_length
 
 
 def test_data_keys_reach_the_environment_arguments():
-    run = load_config(composed("data=gsm8k", "data.path=/data/train.jsonl", "data.max_prompts=5", "data.eval_path=/data/test.jsonl",
-                               "data.group_size=4", "data.max_response_length=300"))  # fmt: skip
+    run = load_config(
+        composed(
+            "data=gsm8k",
+            "data.path=/data/train.jsonl",
+            "data.max_prompts=5",
+            "data.eval_path=/data/test.jsonl",
+            "data.group_size=4",
+            "data.max_response_length=300",
+        )
+    )
     args = run.data.envs[0].args
     assert flag(args, "--env.source") == "/data/train.jsonl" and flag(args, "--env.max_prompts") == "5"
     assert flag(args, "--env.eval_source") == "/data/test.jsonl" and flag(args, "--env.group_size") == "4"

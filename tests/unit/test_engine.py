@@ -1,4 +1,4 @@
-"""atropos_verl.engine: its padded-rows layout matches verl's padded path; read_back keeps verl's metric semantics."""
+"""policy.fsdp_engine: its padded-rows layout matches verl's padded path; read_back keeps verl's metric semantics."""
 
 import pytest
 import torch
@@ -6,7 +6,13 @@ from verl.utils import tensordict_utils as tu
 from verl.utils.metric import Metric
 from verl.workers.utils.padding import build_attention_mask_from_nested
 
-from atropos_verl.engine import PaddedRows, packed_labels, padded_model_inputs, read_back, uses_padded_rows_step
+from atropos_verl.policy.fsdp_engine import (
+    PaddedRows,
+    packed_labels,
+    padded_model_inputs,
+    read_back,
+    uses_padded_rows_step,
+)
 
 
 def jagged(tensors):
@@ -75,7 +81,7 @@ def _clip_on_ranks(rank: int, world_size: int, port: int, results) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from atropos_verl.engine import clip_sharded_grad_norm_
+    from atropos_verl.policy.fsdp_engine import clip_sharded_grad_norm_
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
@@ -119,7 +125,7 @@ def test_clip_on_local_shards_matches_torch_clip_on_full_gradients(world_size):
 
 
 def test_clip_leaves_unsharded_gradients_to_verl():
-    from atropos_verl.engine import clip_sharded_grad_norm_
+    from atropos_verl.policy.fsdp_engine import clip_sharded_grad_norm_
 
     model = torch.nn.Linear(3, 2)
     model(torch.randn(2, 3)).sum().backward()

@@ -63,7 +63,11 @@ def test_reads_overrides_and_temperatures():
         (lambda g: g["scores"].__setitem__(0, math.inf), "scores[0]", "not finite"),
         (lambda g: g["tokens"][0].__setitem__(2, 100), "tokens[0]", "token id 100 outside the vocabulary [0, 100)"),
         (lambda g: g["tokens"][1].__setitem__(0, -7), "tokens[1]", "token id -7"),
-        (lambda g: g["tokens"][0].extend(range(20)) or g["masks"][0].extend(range(20)), "tokens[0]", "exceeds max_token_len 16"),
+        (
+            lambda g: g["tokens"][0].extend(range(20)) or g["masks"][0].extend(range(20)),
+            "tokens[0]",
+            "exceeds max_token_len 16",
+        ),
         (lambda g: g["tokens"].__setitem__(1, [5]) or g["masks"].__setitem__(1, [5]), "tokens[1]", "at least 2 tokens"),
         (lambda g: g.update(masks=[[-100] * 5, [5, -100, -100, -100]]), "masks", "nothing to train"),
         (lambda g: g.update(advantages=[[1.0] * 5]), "advantages", "1 sequences but tokens has 2"),

@@ -2,12 +2,14 @@
 
 import sys
 
+from atropos_verl.atropos.environments import env_command, redacted
 from atropos_verl.config import EnvSpec
-from atropos_verl.launch import env_command, redacted
 
 
 def test_injected_flags_come_first_and_user_args_win():
-    spec = EnvSpec(name="gsm8k", module="my_envs.gsm8k", args=["--env.group_size", "8", "--openai.server_type", "sglang"])
+    spec = EnvSpec(
+        name="gsm8k", module="my_envs.gsm8k", args=["--env.group_size", "8", "--openai.server_type", "sglang"]
+    )
     cmd = env_command(spec, "http://127.0.0.1:8000", "/models/p", ("http://127.0.0.1:9004", "policy"), None)
     assert cmd[:4] == [sys.executable, "-m", "my_envs.gsm8k", "serve"]
     flags = cmd[4:]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from atropos_verl.logprobs import token_logprobs
+from atropos_verl.policy.logprobs import token_logprobs
 
 
 def reference(logits, labels):

@@ -1,4 +1,4 @@
-"""Row ranges and the Ray transfer form of batch TensorDicts (atropos_verl.rows) against verl's own splitting."""
+"""Row ranges and the Ray transfer form of batch TensorDicts (atropos_verl.policy.rows) against verl's own splitting."""
 
 import pickle
 from types import SimpleNamespace
@@ -8,11 +8,13 @@ import torch
 from tensordict import TensorDict
 from verl.utils import tensordict_utils as tu
 
-from atropos_verl.rows import BatchArrays, cuts_by_offsets, row_range, select_rows, split_rows
+from atropos_verl.policy.rows import BatchArrays, cuts_by_offsets, row_range, select_rows, split_rows
 
 
 def jagged(rows, dtype=torch.float32):
-    return torch.nested.as_nested_tensor([torch.arange(n, dtype=dtype) + 10 * i for i, n in enumerate(rows)], layout=torch.jagged)
+    return torch.nested.as_nested_tensor(
+        [torch.arange(n, dtype=dtype) + 10 * i for i, n in enumerate(rows)], layout=torch.jagged
+    )
 
 
 def make_batch(lengths=(3, 5, 1, 4, 2, 6)):
@@ -52,8 +54,14 @@ def test_split_rows_gives_verls_chunks(parts):
 def test_row_range_views_unless_copied():
     batch = make_batch()
     view, copy = row_range(batch, 1, 3), row_range(batch, 1, 3, copy=True)
-    assert view["input_ids"].values().untyped_storage().data_ptr() == batch["input_ids"].values().untyped_storage().data_ptr()
-    assert copy["input_ids"].values().untyped_storage().data_ptr() != batch["input_ids"].values().untyped_storage().data_ptr()
+    assert (
+        view["input_ids"].values().untyped_storage().data_ptr()
+        == batch["input_ids"].values().untyped_storage().data_ptr()
+    )
+    assert (
+        copy["input_ids"].values().untyped_storage().data_ptr()
+        != batch["input_ids"].values().untyped_storage().data_ptr()
+    )
     # A copied part pickles only its own rows.
     assert len(pickle.dumps(copy["loss_mask"].values())) < len(pickle.dumps(view["loss_mask"].values()))
     assert view["input_ids"].values().tolist() == [10, 11, 12, 13, 14, 20]
@@ -68,7 +76,9 @@ def test_split_rows_refuses_an_uneven_split():
 def test_layouts_without_offsets_cuts_are_refused():
     batch = make_batch()
     assert cuts_by_offsets(batch)
-    with_holes = torch.nested.narrow(torch.arange(12.0).view(3, 4), 1, torch.tensor([0, 1, 0]), torch.tensor([2, 3, 1]), layout=torch.jagged)
+    with_holes = torch.nested.narrow(
+        torch.arange(12.0).view(3, 4), 1, torch.tensor([0, 1, 0]), torch.tensor([2, 3, 1]), layout=torch.jagged
+    )
     batch_with_holes = TensorDict({"x": with_holes}, batch_size=[3])
     assert not cuts_by_offsets(batch_with_holes)
     assert BatchArrays.from_tensordict(batch_with_holes) is None
@@ -92,7 +102,7 @@ def test_bfloat16_batches_travel_as_tensordicts():
 
 
 def test_the_driver_sends_one_worker_the_whole_batch_as_arrays():
-    from atropos_verl.actor import _dispatch_rows_by_data_parallel_rank
+    from atropos_verl.policy.worker import _dispatch_rows_by_data_parallel_rank
 
     workers = SimpleNamespace(_dispatch_info={"train": [0]}, world_size=1)
     batch = make_batch()
@@ -105,4 +115,6 @@ def test_the_driver_sends_one_worker_the_whole_batch_as_arrays():
 @pytest.mark.parametrize("rows", [[4, 0, 2], [5], [1, 2, 3], [3, 1]])
 def test_select_rows_gives_verls_index_select(rows):
     batch = make_batch()
-    assert_same_batch(select_rows(batch, rows), tu.index_select_tensor_dict(batch, torch.tensor(rows, dtype=torch.long)))
+    assert_same_batch(
+        select_rows(batch, rows), tu.index_select_tensor_dict(batch, torch.tensor(rows, dtype=torch.long))
+    )

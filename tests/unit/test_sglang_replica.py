@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from atropos_verl.engines import EngineError, ReplicaSpec, SGLangReplica
+from atropos_verl.serving.replicas import EngineError, ReplicaSpec, SGLangReplica
 
 
 def spec(**overrides):
@@ -12,8 +12,15 @@ def spec(**overrides):
 
 
 def test_command_maps_the_spec_to_sglang_flags():
-    replica = SGLangReplica(spec(dtype="bfloat16", max_model_len=4096, gpu_memory_utilization=0.3,
-                                 tensor_parallel_size=2, extra_args=["--log-level", "warning"]))
+    replica = SGLangReplica(
+        spec(
+            dtype="bfloat16",
+            max_model_len=4096,
+            gpu_memory_utilization=0.3,
+            tensor_parallel_size=2,
+            extra_args=["--log-level", "warning"],
+        )
+    )
     cmd = replica.command(30001)
     assert cmd[1:3] == ["-m", "sglang.launch_server"]
     flags = dict(zip(cmd[3::2], cmd[4::2]))

@@ -1,42 +1,41 @@
 """Run atroposlib's trajectory API server (`run-api`) as a child process.
 
-Used by tests and by launchers that want a private API next to the trainer. The
-server keeps all state in memory, so one process per run keeps runs isolated.
+Used by the trainer when the run starts its own API, and by tests. The server keeps
+all state in memory, so one process per run keeps runs isolated.
 """
 
 from __future__ import annotations
 
-import http.client
 import os
-import subprocess
 import sys
 import tempfile
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO
 
-from atropos_verl.netutil import bind_probe, connect_host, free_port, http_url, log_tail
-
-_LOG_TAIL_LINES = 30
-_PROBE_INTERVAL_S = 0.1
+from atropos_verl.netutil import bind_probe, free_port, http_url
+from atropos_verl.procs import ChildFailed, ChildProcess, http_ok
 
 
 class ApiServerStartError(RuntimeError):
     """The API server exited or never answered GET /status during start-up."""
 
 
-@dataclass
+def api_answers(url: str, timeout_s: float = 2.0) -> bool:
+    """Whether an Atropos API answers ``GET /status`` at ``url``."""
+    return http_ok(f"{url.rstrip('/')}/status", timeout_s)
+
+
 class ApiServerProcess:
     """A running `run-api` child process; stop it with `stop()` or a `with` block."""
 
-    host: str
-    port: int
-    log_path: Path
-    _proc: subprocess.Popen[bytes] = field(repr=False)
-    _log_file: IO[bytes] = field(repr=False)
-    _owns_log: bool = field(repr=False)
+    def __init__(self, host: str, port: int, child: ChildProcess, owns_log: bool) -> None:
+        self.host = host
+        self.port = port
+        self._child = child
+        self._owns_log = owns_log
+
+    def __repr__(self) -> str:
+        return f"ApiServerProcess({self.url}, pid {self.pid})"
 
     @classmethod
     def start(
@@ -64,29 +63,17 @@ class ApiServerProcess:
             fd, name = tempfile.mkstemp(prefix=f"atropos-api-{port}-", suffix=".log")
             os.close(fd)
             log_path = name
-        path = Path(log_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # A file, not a pipe: nobody reads the server's output while it runs, and a
-        # full pipe would block its logging and so every request.
-        log_file = path.open("ab")
-        cmd = [sys.executable, "-m", "atroposlib.cli.run_api", "--host", host, "--port", str(port)]
+        child = ChildProcess(f"Atropos API server ({http_url(host, port)})", Path(log_path), tail_lines=30)
+        server = cls(host, port, child, owns_log)
         try:
-            proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
+            child.start(
+                [sys.executable, "-m", "atroposlib.cli.run_api", "--host", host, "--port", str(port)],
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
-        except OSError:
-            log_file.close()
-            raise
-        server = cls(host=host, port=port, log_path=path, _proc=proc, _log_file=log_file, _owns_log=owns_log)
-        try:
-            server._wait_ready(ready_timeout_s)
-        except BaseException:
+            child.wait_ready(lambda: api_answers(server.url, 1.0), ready_timeout_s, f"GET {server.url}/status")
+        except ChildFailed as exc:
             server.stop()
-            raise
+            raise ApiServerStartError(str(exc)) from None
         return server
 
     @property
@@ -94,54 +81,21 @@ class ApiServerProcess:
         return http_url(self.host, self.port)
 
     @property
-    def pid(self) -> int:
-        return self._proc.pid
+    def pid(self) -> int | None:
+        return self._child.pid
+
+    @property
+    def log_path(self) -> Path:
+        return self._child.log_path
 
     @property
     def returncode(self) -> int | None:
         """None while running, else the exit status."""
-        return self._proc.poll()
-
-    def _answers_status(self) -> bool:
-        conn = http.client.HTTPConnection(connect_host(self.host), self.port, timeout=1.0)
-        try:
-            conn.request("GET", "/status")
-            return conn.getresponse().status == 200
-        except OSError:
-            return False
-        finally:
-            conn.close()
-
-    def _wait_ready(self, ready_timeout_s: float) -> None:
-        deadline = time.monotonic() + ready_timeout_s
-        while True:
-            answered = self._answers_status()
-            code = self._proc.poll()
-            if code is not None:
-                raise ApiServerStartError(
-                    f"Atropos API server (pid {self.pid}, {self.url}) exited with status {code} "
-                    f"during start-up; last lines of {self.log_path}:\n{log_tail(self.log_path, _LOG_TAIL_LINES)}"
-                )
-            if answered:
-                return
-            if time.monotonic() >= deadline:
-                raise ApiServerStartError(
-                    f"Atropos API server (pid {self.pid}) did not answer GET {self.url}/status within "
-                    f"{ready_timeout_s}s; last lines of {self.log_path}:\n{log_tail(self.log_path, _LOG_TAIL_LINES)}"
-                )
-            time.sleep(_PROBE_INTERVAL_S)
+        return self._child.returncode()
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop this process (by PID only): SIGTERM, wait, then SIGKILL. Safe to call twice."""
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(timeout=timeout_s)
-        if not self._log_file.closed:
-            self._log_file.close()
+        """Stop this server's process group (by PID only): SIGTERM, wait, then SIGKILL. Safe to call twice."""
+        self._child.stop(timeout_s)
         if self._owns_log:
             self.log_path.unlink(missing_ok=True)
 

@@ -67,7 +67,8 @@ def prepare(
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m atropos_verl.data.prepare", description="Write a dataset as verl-format parquet (DIR/<split>.parquet)."
+        prog="python -m atropos_verl.data.prepare",
+        description="Write a dataset as verl-format parquet (DIR/<split>.parquet).",
     )
     parser.add_argument("name", choices=[*TASKS, "jsonl"], help="dataset kind; jsonl: any local rows")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
@@ -76,14 +77,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--subset", help="hub dataset config name (gsm8k's hub copy: main)")
     parser.add_argument("--max-rows", type=int, default=0, help="write at most this many rows (0: all)")
     parser.add_argument("--prompt-field", help="field holding the question (default: question, problem, prompt, ...)")
-    parser.add_argument("--answer-field", help="field holding the answer (default: answer, solution, ground_truth, ...)")
+    parser.add_argument(
+        "--answer-field", help="field holding the answer (default: answer, solution, ground_truth, ...)"
+    )
     parser.add_argument("--data-source", help="verl data_source of every row (default: the dataset's, or the row's)")
     parser.add_argument("--ability", help="verl ability of every row")
     parser.add_argument("--instruction", help="appended to each question (default: the dataset's; '' for none)")
     args = parser.parse_args(argv)
     fields = Fields(args.prompt_field, args.answer_field, args.data_source, args.ability, args.instruction)
     try:
-        path, written, skipped = prepare(args.name, args.out, args.source, args.split, args.subset, args.max_rows, fields)
+        path, written, skipped = prepare(
+            args.name, args.out, args.source, args.split, args.subset, args.max_rows, fields
+        )
     except (SourceError, ValueError) as exc:
         print(f"prepare: {exc}", file=sys.stderr)
         return 2

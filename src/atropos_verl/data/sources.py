@@ -375,8 +375,12 @@ class RenderedPrompt:
     token_ids: list[int]
 
 
-def render_prompt(tokenizer: Any, messages: list[dict[str, str]], prompt_format: str, system_prompt: Optional[str] = None) -> RenderedPrompt:
-    """``chat``: the tokenizer's chat template with the generation prompt; ``plain``: the contents, blank-line separated.
+def render_prompt(
+    tokenizer: Any, messages: list[dict[str, str]], prompt_format: str, system_prompt: Optional[str] = None
+) -> RenderedPrompt:
+    """``chat``: the tokenizer's chat template with the generation prompt.
+
+    ``plain``: the contents, blank-line separated.
 
     ``token_ids`` are what ``tokenizer.encode(text)`` gives, which is how atroposlib's
     ``ManagedServer`` and an OpenAI completions server tokenize the text we send.
@@ -388,7 +392,7 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, str]], prompt_format:
         bos = tokenizer.bos_token
         if bos and text.startswith(bos) and tokenizer.bos_token_id in tokenizer.encode("", add_special_tokens=True):
             # The template writes BOS and encode() adds another: send the text without it.
-            text = text[len(bos):]
+            text = text[len(bos) :]
     elif prompt_format == "plain":
         text = "\n\n".join(m["content"] for m in messages)
     else:

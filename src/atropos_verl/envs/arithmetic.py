@@ -27,7 +27,13 @@ from typing import Optional
 from atroposlib.envs.base import BaseEnv, BaseEnvConfig
 from pydantic import Field
 
-from atropos_verl.envs.sampling import placeholder_server, returns_text_only, sample_chat_text, sample_managed, scored_group
+from atropos_verl.envs.sampling import (
+    placeholder_server,
+    returns_text_only,
+    sample_chat_text,
+    sample_managed,
+    scored_group,
+)
 
 OPERATIONS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 _INTEGER = re.compile(r"-?\d+")
@@ -79,8 +85,12 @@ class ArithmeticEnvConfig(BaseEnvConfig):
     )
     max_new_tokens: int = Field(default=16, description="Tokens sampled per reply; a reply cut off here scores 0")
     temperature: float = Field(default=0.7, description="Sampling temperature")
-    max_words: int = Field(default=5, description="A correct reply of at most this many words scores 1 (1: bare number)")
-    partial_credit: float = Field(default=0.25, description="Score of a correct result in a reply longer than max_words")
+    max_words: int = Field(
+        default=5, description="A correct reply of at most this many words scores 1 (1: bare number)"
+    )
+    partial_credit: float = Field(
+        default=0.25, description="Score of a correct result in a reply longer than max_words"
+    )
 
 
 class ArithmeticEnv(BaseEnv):

@@ -76,14 +76,18 @@ class DatasetEnvConfig(BaseEnvConfig):
     source: str = Field(
         default="", description="Hugging Face hub dataset name, or a local .jsonl/.json/.parquet file or folder of them"
     )
-    subset: Optional[str] = Field(default=None, description="Hub dataset config name (openai/gsm8k: main); local files ignore it")
+    subset: Optional[str] = Field(
+        default=None, description="Hub dataset config name (openai/gsm8k: main); local files ignore it"
+    )
     split: str = Field(default="train", description="Hub split, or in a folder the files named <split>*")
     prompt_field: Optional[str] = Field(
-        default=None, description="Field holding the question or the chat messages (default: prompt, question, problem, ...)"
+        default=None,
+        description="Field holding the question or the chat messages (default: prompt, question, problem, ...)",
     )
     answer_field: Optional[str] = Field(
         default=None,
-        description="Field holding the answer (default: reward_model.ground_truth, then ground_truth, answer, solution, ...)",
+        description="Field holding the answer "
+        "(default: reward_model.ground_truth, then ground_truth, answer, solution, ...)",
     )
     data_source: Optional[str] = Field(
         default=None,
@@ -101,7 +105,9 @@ class DatasetEnvConfig(BaseEnvConfig):
         default="chat", description="chat: the tokenizer's chat template; plain: the message text as is"
     )
     system_prompt: Optional[str] = Field(default=None, description="System message put before prompts that have none")
-    max_prompt_length: int = Field(default=1024, ge=0, description="Skip prompts longer than this many tokens (0: no limit)")
+    max_prompt_length: int = Field(
+        default=1024, ge=0, description="Skip prompts longer than this many tokens (0: no limit)"
+    )
     max_response_length: int = Field(default=1024, ge=1, description="Tokens sampled per answer at most")
     shuffle: bool = Field(default=True, description="Visit prompts in a seeded random order, reshuffled every epoch")
     seed: int = Field(default=0, description="Seed of the prompt order")
@@ -122,7 +128,14 @@ class DatasetEnvConfig(BaseEnvConfig):
     eval_max_prompts: int = Field(default=0, ge=0, description="Evaluate on at most this many prompts (0: all)")
 
     @field_validator(
-        "subset", "prompt_field", "answer_field", "data_source", "ability", "system_prompt", "eval_source", mode="before"
+        "subset",
+        "prompt_field",
+        "answer_field",
+        "data_source",
+        "ability",
+        "system_prompt",
+        "eval_source",
+        mode="before",
     )
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
@@ -204,7 +217,9 @@ class Scorer:
         if not self._verl_knows[source]:
             if not source:
                 raise BadRow("no scorer", "no data_source: set data_source, or reward_fn to a function of yours")
-            raise BadRow("no scorer", f"verl has no reward function for data_source {source!r}; set data_source or reward_fn")
+            raise BadRow(
+                "no scorer", f"verl has no reward function for data_source {source!r}; set data_source or reward_fn"
+            )
 
     def __call__(self, example: Example, solution: str) -> Score:
         if self._user_fn is not None:
@@ -273,7 +288,9 @@ class DatasetEnv(BaseEnv):
         self.prompts = await asyncio.to_thread(self._load, cfg.source, cfg.split, cfg.max_prompts, "train")
         self.eval_prompts: list[Prompt] = []
         if cfg.eval_source:
-            self.eval_prompts = await asyncio.to_thread(self._load, cfg.eval_source, cfg.eval_split, cfg.eval_max_prompts, "eval")
+            self.eval_prompts = await asyncio.to_thread(
+                self._load, cfg.eval_source, cfg.eval_split, cfg.eval_max_prompts, "eval"
+            )
         else:
             # BaseEnv pauses training for every evaluation; with nothing to evaluate, never pause.
             cfg.steps_per_eval = 0
@@ -327,7 +344,10 @@ class DatasetEnv(BaseEnv):
         group = scored_group(samples, [s.value for s in scores], self.config.temperature)
         n = max(len(scores), 1)
         group["group_overrides"] = {
-            "metrics": {"correct": sum(s.correct for s in scores) / n, "formatted": sum(s.formatted for s in scores) / n}
+            "metrics": {
+                "correct": sum(s.correct for s in scores) / n,
+                "formatted": sum(s.formatted for s in scores) / n,
+            }
         }
         self.total.add(scores)
         self.recent.add(scores)
@@ -350,7 +370,9 @@ class DatasetEnv(BaseEnv):
         if self.config.prompt_format == "chat":
             return await sample_chat_text(self, prompt.messages, n, max_tokens, temperature)
         # Plain completions return text only: the rendered prompt's ids plus the answer's.
-        completion = await self.server.completion(prompt=prompt.text, n=n, max_tokens=max_tokens, temperature=temperature)
+        completion = await self.server.completion(
+            prompt=prompt.text, n=n, max_tokens=max_tokens, temperature=temperature
+        )
         eos = self.tokenizer.eos_token_id
         samples = []
         for choice in completion.choices:
@@ -359,7 +381,9 @@ class DatasetEnv(BaseEnv):
                 # The server stopped on EOS and left it out of the text; the policy did sample it.
                 answer.append(eos)
             tokens = prompt.token_ids + answer
-            samples.append(Sample(tokens, [IGNORED] * len(prompt.token_ids) + answer, None, choice.text, choice.finish_reason))
+            samples.append(
+                Sample(tokens, [IGNORED] * len(prompt.token_ids) + answer, None, choice.text, choice.finish_reason)
+            )
         return samples
 
     async def evaluate(self, *args, **kwargs):

@@ -28,7 +28,9 @@ class Sample:
 
 def placeholder_server() -> list[APIServerConfig]:
     """The server list of ``config_init``; the trainer's launcher passes the gateway's URL and model."""
-    return [APIServerConfig(base_url="http://127.0.0.1:9000/v1", model_name="policy", server_type="vllm", api_key="unused")]
+    return [
+        APIServerConfig(base_url="http://127.0.0.1:9000/v1", model_name="policy", server_type="vllm", api_key="unused")
+    ]
 
 
 def returns_text_only(env: BaseEnv) -> bool:
@@ -50,13 +52,19 @@ async def sample_chat_text(
     env: BaseEnv, messages: list[dict], n: int, max_tokens: int, temperature: float
 ) -> list[Sample]:
     """``n`` answers through chat completions (text only); prompt and answers tokenized with the chat template."""
-    completion = await env.server.chat_completion(messages=messages, n=n, max_tokens=max_tokens, temperature=temperature)
+    completion = await env.server.chat_completion(
+        messages=messages, n=n, max_tokens=max_tokens, temperature=temperature
+    )
     prefix = env.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
     samples = []
     for choice in completion.choices:
         text = choice.message.content or ""
-        tokens = list(env.tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": text}], return_dict=False))
-        samples.append(Sample(tokens, [IGNORED] * len(prefix) + tokens[len(prefix):], None, text, choice.finish_reason))
+        tokens = list(
+            env.tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": text}], return_dict=False)
+        )
+        samples.append(
+            Sample(tokens, [IGNORED] * len(prefix) + tokens[len(prefix) :], None, text, choice.finish_reason)
+        )
     return samples
 
 

@@ -30,9 +30,10 @@ import sys
 import time
 from typing import Literal
 
-from atropos_verl.engines.base import EngineError, ReplicaSpec
-from atropos_verl.engines.process import ServerReplica, require_safetensors
-from atropos_verl.engines.vllm_worker import ReloadWorkerExtension
+from atropos_verl.serving.replicas.base import EngineError, ReplicaSpec
+from atropos_verl.serving.replicas.server import ServerReplica
+from atropos_verl.serving.replicas.vllm_worker import ReloadWorkerExtension
+from atropos_verl.serving.transports.folder import require_weights
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ class VLLMReplica(ServerReplica):
         return bool(body["is_paused"])
 
     async def load_weights(self, weights_dir: str, version: int) -> None:
-        path = require_safetensors(self, weights_dir)
+        path = require_weights(self, weights_dir)
         started = time.perf_counter()
         try:
             await self._server.request(

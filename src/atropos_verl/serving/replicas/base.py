@@ -10,9 +10,9 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 
+from atropos_verl.serving.errors import EngineError
 
-class EngineError(RuntimeError):
-    """A replica failed to start, answer or apply a control call; the message names the replica."""
+__all__ = ["EngineError", "InferenceReplica", "ReplicaSpec"]
 
 
 @dataclass

@@ -13,7 +13,7 @@ optimizer, micro-batch partition, gradient-sync deferral, checkpoints) and
 changes four things:
 
 * micro-batches (fixed-size, or verl's token-budget partition) are taken from
-  the mini-batch one at a time (atropos_verl.rows) just before their forward,
+  the mini-batch one at a time (atropos_verl.policy.rows) just before their forward,
   and the loss normaliser is summed on the host: verl builds them all up front,
   re-nesting every row, and reads the token count back from the device, all
   while the GPU waits for its first kernel;
@@ -26,7 +26,7 @@ changes four things:
 * the optimizer step clips gradients on each rank's local shards (one all-reduce
   of the squared norm) instead of through DTensor dispatch, which costs host time
   per operator and parameter (~290 parameters at 0.5B). The optimizer itself is
-  torch's fused AdamW on CUDA (``actor.fused_optimizer``, set in atropos_verl.actor).
+  torch's fused AdamW on CUDA (``actor.fused_optimizer``, set in atropos_verl.policy.actor).
 
 Other layouts and outputs (packed rows, fused kernels, entropy, distillation,
 multi-modal inputs) go through verl's own step, and other gradient layouts
@@ -50,7 +50,7 @@ from verl.workers.engine.fsdp import transformer_impl
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 from verl.workers.engine.utils import detach_tree, postprocess_batch_func, prepare_micro_batches
 
-from atropos_verl.rows import cuts_by_offsets, select_rows
+from atropos_verl.policy.rows import cuts_by_offsets, select_rows
 
 # Micro-batch options whose outputs only verl's own step produces (all off by default).
 _VERL_STEP_OPTIONS = (
@@ -85,7 +85,7 @@ def uses_padded_rows_step(micro_batch: TensorDict) -> bool:
 
 
 def cuts_micro_batches_by_rows(data: TensorDict) -> bool:
-    """True when each of verl's micro-batches of ``data`` is a set of whole rows that atropos_verl.rows can take."""
+    """True when each of verl's micro-batches of ``data`` is a set of whole rows (see atropos_verl.policy.rows)."""
     return (
         tu.get_non_tensor_data(data, "force_group_size", 1) == 1
         and tu.get_non_tensor_data(data, "pad_mode", DatasetPadMode.NO_PADDING) == DatasetPadMode.NO_PADDING
@@ -222,7 +222,7 @@ class PolicyEngine(FSDPEngineWithLMHead):
         return read_back(self._forward_backward_by_rows(data, loss_function, forward_only))
 
     def _forward_backward_by_rows(self, data: TensorDict, loss_function, forward_only: bool) -> dict:
-        """verl's micro-batch loop, each micro-batch taken from ``data`` (atropos_verl.rows) just before its forward.
+        """verl's micro-batch loop, each micro-batch taken from ``data`` (policy.rows) just before its forward.
 
         verl builds every micro-batch up front, re-nesting every row, and reads the
         token count back from the device, all before the first forward; here the
@@ -269,7 +269,9 @@ class PolicyEngine(FSDPEngineWithLMHead):
                 sp_size=self.ulysses_sequence_parallel_size,
                 max_token_len_per_gpu=tu.get_non_tensor_data(data, "max_token_len_per_gpu", None),
             )
-            _, partition = prepare_micro_batches(lengths, dp_group=self.get_data_parallel_group(), same_micro_num_in_dp=True)
+            _, partition = prepare_micro_batches(
+                lengths, dp_group=self.get_data_parallel_group(), same_micro_num_in_dp=True
+            )
             return [list(part) for part in partition]
         size = tu.get_non_tensor_data(data, "micro_batch_size_per_gpu", None)
         if rows % size:
@@ -328,7 +330,7 @@ class PolicyEngine(FSDPEngineWithLMHead):
             logits = transformer_impl._scale_logits_by_temperature(
                 logits, temperature, is_unit_temperature=unit_temperature
             )
-            # Looked up on verl's module so that atropos_verl.logprobs.install() applies.
+            # Looked up on verl's module so that atropos_verl.policy.logprobs.install() applies.
             log_probs = transformer_impl.logprobs_from_logits(logits=logits, labels=labels).flatten()
             if slots is not None:
                 log_probs = log_probs.index_select(0, slots)

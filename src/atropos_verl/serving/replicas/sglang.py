@@ -25,8 +25,9 @@ import os
 import sys
 import time
 
-from atropos_verl.engines.base import EngineError, ReplicaSpec
-from atropos_verl.engines.process import ServerReplica, require_safetensors
+from atropos_verl.serving.replicas.base import EngineError, ReplicaSpec
+from atropos_verl.serving.replicas.server import ServerReplica
+from atropos_verl.serving.transports.folder import require_weights
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class SGLangReplica(ServerReplica):
         await self._server.request("POST", "/continue_generation", body={})
 
     async def load_weights(self, weights_dir: str, version: int) -> None:
-        path = require_safetensors(self, weights_dir)
+        path = require_weights(self, weights_dir)
         started = time.perf_counter()
         body = await self._server.request(
             "POST",

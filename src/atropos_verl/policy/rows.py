@@ -45,7 +45,9 @@ def row_range(batch: TensorDict, start: int, stop: int, copy: bool = False) -> T
         offsets = value.offsets()
         first, last = int(offsets[start]), int(offsets[stop])
         values = value.values()[first:last]
-        return torch.nested.nested_tensor_from_jagged(values.clone() if copy else values, offsets[start : stop + 1] - first)
+        return torch.nested.nested_tensor_from_jagged(
+            values.clone() if copy else values, offsets[start : stop + 1] - first
+        )
 
     def per_row(value):
         part = value[start:stop]
@@ -102,7 +104,9 @@ class BatchArrays:
     def to_tensordict(self) -> TensorDict:
         # Copies: arrays received through Ray's object store are read-only.
         tensors: dict[str, Any] = {
-            key: torch.nested.nested_tensor_from_jagged(torch.from_numpy(values.copy()), torch.from_numpy(offsets.copy()))
+            key: torch.nested.nested_tensor_from_jagged(
+                torch.from_numpy(values.copy()), torch.from_numpy(offsets.copy())
+            )
             for key, (values, offsets) in self.jagged.items()
         }
         tensors.update({key: torch.from_numpy(array.copy()) for key, array in self.dense.items()})
@@ -111,7 +115,7 @@ class BatchArrays:
 
 
 def select_rows(batch: TensorDict, rows: list[int]) -> TensorDict:
-    """Rows ``rows`` of ``batch`` in that order (see :func:`cuts_by_offsets`); a consecutive run is a :func:`row_range`."""
+    """Rows ``rows`` of ``batch`` in that order (see :func:`cuts_by_offsets`); a consecutive run is a row range."""
     if rows and rows == list(range(rows[0], rows[0] + len(rows))):
         return row_range(batch, rows[0], rows[0] + len(rows))
     index = torch.tensor(rows, dtype=torch.long)

@@ -16,21 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Optional
+from typing import Optional
 from urllib.parse import urlsplit
 
-import aiohttp
-
-from atropos_verl.atropos import ApiServerProcess
-from atropos_verl.config import EnvSpec, RunConfig
+from atropos_verl.atropos.api_server import ApiServerProcess, api_answers
+from atropos_verl.config import AtroposConfig, DataConfig, EnvSpec
 from atropos_verl.netutil import log_tail
+from atropos_verl.procs import ChildProcess
 
 logger = logging.getLogger(__name__)
 
@@ -44,24 +40,15 @@ class EnvironmentFailedError(RuntimeError):
     """An environment kept exiting; the message names it and shows its last log lines."""
 
 
-async def _answers(url: str, timeout_s: float = 2.0) -> bool:
-    try:
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"{url}/status", timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
-                return resp.status == 200
-    except (aiohttp.ClientError, asyncio.TimeoutError):
-        return False
-
-
-async def ensure_api(cfg: RunConfig, log_dir: Path) -> Optional[ApiServerProcess]:
+async def ensure_api(cfg: AtroposConfig, log_dir: Path) -> Optional[ApiServerProcess]:
     """Start ``run-api`` at ``atropos.api_url`` if the config asks for it; returns the process we own."""
-    mode = cfg.atropos.start_api
+    mode = cfg.start_api
     if mode == "never":
         return None
-    parts = urlsplit(cfg.atropos.api_url)
+    parts = urlsplit(cfg.api_url)
     if mode == "auto":
-        if await _answers(cfg.atropos.api_url):
-            logger.info("using the Atropos API already running at %s", cfg.atropos.api_url)
+        if await asyncio.to_thread(api_answers, cfg.api_url):
+            logger.info("using the Atropos API already running at %s", cfg.api_url)
             return None
         if parts.hostname not in LOOPBACK_HOSTS:
             # Starting a server on another machine is not ours to do; the client will report it unreachable.
@@ -116,60 +103,25 @@ class _EnvProcess:
     spec: EnvSpec
     index: int
     command: list[str]
-    log_path: Path
-    proc: Optional[subprocess.Popen] = None
-    log_file: Optional[IO[bytes]] = None
+    child: ChildProcess
     started_at: float = 0.0
     consecutive_restarts: int = 0
-    restarts_total: int = 0
     next_start_at: Optional[float] = None
-    history: list[str] = field(default_factory=list)
 
     @property
     def label(self) -> str:
         return f"{self.spec.name}[{self.index}]"
 
     def start(self) -> None:
-        self.log_file = self.log_path.open("ab")
-        self.log_file.write(f"=== {self.label}: {' '.join(redacted(self.command))}\n".encode())
-        self.log_file.flush()
-        self.proc = subprocess.Popen(
-            self.command,
-            stdin=subprocess.DEVNULL,
-            stdout=self.log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        self.child.start(self.command, shown=redacted(self.command))
         self.started_at = time.monotonic()
         self.next_start_at = None
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            _signal_group(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                _signal_group(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=_STOP_TIMEOUT_S)
-        if self.proc is not None:
-            # Helpers the environment spawned share its group; they go with it.
-            _signal_group(self.proc.pid, signal.SIGKILL)
-        if self.log_file is not None:
-            self.log_file.close()
-            self.log_file = None
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
 
 
 class EnvSupervisor:
     """Starts the configured environments and keeps them running until :meth:`stop`."""
 
-    def __init__(self, cfg: RunConfig, log_dir: Path, poll_interval_s: float = 0.5):
+    def __init__(self, cfg: DataConfig, log_dir: Path, poll_interval_s: float = 0.5):
         self.cfg = cfg
         self.log_dir = log_dir
         self.poll_interval_s = poll_interval_s
@@ -178,23 +130,20 @@ class EnvSupervisor:
         self.failure: Optional[str] = None
         self._task: Optional[asyncio.Task] = None
 
-    def start(
-        self, api_url: str, model_path: str, gateway: Optional[tuple[str, str]], api_key: Optional[str]
-    ) -> None:
+    def start(self, api_url: str, model_path: str, gateway: Optional[tuple[str, str]], api_key: Optional[str]) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        for spec in self.cfg.data.envs:
+        for spec in self.cfg.envs:
             command = env_command(spec, api_url, model_path, gateway, api_key)
             for index in range(spec.replicas):
-                process = _EnvProcess(spec, index, command, self.log_dir / f"{spec.name}-{index}.log")
+                label = f"environment {spec.name}[{index}]"
+                process = _EnvProcess(
+                    spec, index, command, ChildProcess(label, self.log_dir / f"{spec.name}-{index}.log")
+                )
                 process.start()
-                logger.info("started environment %s (pid %d, log %s)", process.label, process.proc.pid, process.log_path)
+                logger.info("started %s (pid %d, log %s)", label, process.child.pid, process.child.log_path)
                 self.processes.append(process)
         if self.processes:
             self._task = asyncio.create_task(self._watch())
-
-    @property
-    def restarts(self) -> int:
-        return sum(p.restarts_total for p in self.processes)
 
     async def _watch(self) -> None:
         while True:
@@ -203,9 +152,9 @@ class EnvSupervisor:
                 if process.next_start_at is not None:
                     if now >= process.next_start_at:
                         process.start()
-                        logger.info("restarted environment %s (pid %d)", process.label, process.proc.pid)
+                        logger.info("restarted environment %s (pid %d)", process.label, process.child.pid)
                     continue
-                code = process.proc.poll()
+                code = process.child.returncode()
                 if code is None:
                     if now - process.started_at > HEALTHY_UPTIME_S:
                         process.consecutive_restarts = 0
@@ -216,25 +165,25 @@ class EnvSupervisor:
             await asyncio.sleep(self.poll_interval_s)
 
     def _handle_exit(self, process: _EnvProcess, code: int, now: float) -> None:
-        process.log_file.close()
-        process.log_file = None
-        tail = log_tail(process.log_path, 15)
-        max_restarts = self.cfg.data.max_restarts
+        # Reaps it and whatever it left in its group before a restart reuses the log.
+        process.child.stop()
+        tail = log_tail(process.child.log_path, 15)
+        log_path = process.child.log_path
+        max_restarts = self.cfg.max_restarts
         if process.consecutive_restarts >= max_restarts:
             self.failure = (
                 f"environment {process.label} exited with status {code} and was already restarted "
-                f"{max_restarts} times in a row (data.max_restarts); last lines of {process.log_path}:\n{tail}"
+                f"{max_restarts} times in a row (data.max_restarts); last lines of {log_path}:\n{tail}"
             )
             logger.error(self.failure)
             self.failed.set()
             return
-        delay = self.cfg.data.restart_backoff * 2**process.consecutive_restarts
+        delay = self.cfg.restart_backoff * 2**process.consecutive_restarts
         process.consecutive_restarts += 1
-        process.restarts_total += 1
         process.next_start_at = now + delay
         logger.warning(
             "environment %s exited with status %s; restarting in %.1fs (%d/%d). Last lines of %s:\n%s",
-            process.label, code, delay, process.consecutive_restarts, max_restarts, process.log_path, tail,
+            process.label, code, delay, process.consecutive_restarts, max_restarts, log_path, tail,
         )  # fmt: skip
 
     async def stop(self) -> None:
@@ -245,4 +194,4 @@ class EnvSupervisor:
             except asyncio.CancelledError:
                 pass
             self._task = None
-        await asyncio.to_thread(lambda: [p.stop() for p in self.processes])
+        await asyncio.to_thread(lambda: [p.child.stop(_STOP_TIMEOUT_S) for p in self.processes])

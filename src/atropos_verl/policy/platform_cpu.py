@@ -46,7 +46,9 @@ def _build_device_module() -> types.SimpleNamespace:
     Memory statistics report this process' resident memory, so verl's memory
     metrics stay meaningful on CPU instead of reading zero.
     """
-    module = types.SimpleNamespace(**{name: getattr(torch.cpu, name) for name in dir(torch.cpu) if not name.startswith("_")})
+    module = types.SimpleNamespace(
+        **{name: getattr(torch.cpu, name) for name in dir(torch.cpu) if not name.startswith("_")}
+    )
     module.empty_cache = _noop
     module.ipc_collect = _noop
     module.set_per_process_memory_fraction = _noop

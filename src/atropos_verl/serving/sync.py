@@ -1,13 +1,12 @@
-"""Weight sync ("sharding manager"): trainer weights → every inference replica, then proof.
+"""Weight sync: trainer weights → every inference replica, then proof.
 
-One sync, after each optimizer step:
+One sync, after each optimizer step, through a :mod:`weight transport <atropos_verl.serving.transports>`:
 
-1. export: the FSDP2 workers all-gather each parameter in turn and rank 0 writes
-   bucketed safetensors (HF names, the engine's dtype) into a node-local folder,
-   ``/dev/shm`` where available, so the copy is a memory copy;
-2. swap: the gateway stops dispatching and drains, every replica pauses, loads
-   the folder in place and resumes, the gateway resumes with the new policy
-   version (requests that arrive meanwhile wait instead of failing);
+1. prepare: trainer-side work that needs no replica paused (the folder transport
+   gathers the FSDP2 shards and writes safetensors to tmpfs here);
+2. swap: the gateway stops dispatching and drains, every replica pauses, the
+   transport pushes the version into all of them, they resume, and the gateway
+   resumes with the new policy version (requests that arrive meanwhile wait);
 3. proof: the trainer's log-probs of a probe (sequences from the batch it just
    trained on) are compared with each replica's prompt log-probs; the mean
    absolute difference is ``sync/logprob_abs_diff``, and above
@@ -19,27 +18,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional, Protocol, Sequence
 
-from atropos_verl.engines.base import InferenceReplica
+from atropos_verl.serving.replicas.base import InferenceReplica
+from atropos_verl.serving.transports.base import PolicyWeights, WeightTransport
 
 logger = logging.getLogger(__name__)
 
 
 class SyncMismatchError(RuntimeError):
     """After a sync a replica's log-probs disagree with the trainer's: stale or corrupted weights."""
-
-
-class PolicyExporter(Protocol):
-    def export_weights(self, out_dir: str, bucket_bytes: int, dtype: str) -> dict[str, float]: ...
-
-    def log_probs(self, sequences: list[list[int]]) -> list[list[float]]: ...
 
 
 class ServingGate(Protocol):
@@ -51,8 +41,9 @@ class ServingGate(Protocol):
 @dataclass
 class SyncReport:
     policy_version: int
+    transport: str
     seconds: float
-    export_seconds: float
+    prepare_seconds: float
     swap_seconds: float
     bytes: float
     logprob_abs_diff: Optional[float] = None
@@ -63,7 +54,7 @@ class SyncReport:
         metrics = {
             "sync/policy_version": self.policy_version,
             "timing/sync_s": self.seconds,
-            "timing/sync_export_s": self.export_seconds,
+            "timing/sync_prepare_s": self.prepare_seconds,
             "timing/sync_swap_s": self.swap_seconds,
             "sync/bytes": self.bytes,
             "sync/replicas_restarted": self.replicas_restarted,
@@ -73,11 +64,9 @@ class SyncReport:
         return metrics
 
 
-def default_weights_root() -> Path:
-    """A private folder on tmpfs when the machine has one (the sync is then a memory copy)."""
-    shm = Path("/dev/shm")
-    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
-    return Path(tempfile.mkdtemp(prefix="atropos-verl-weights-", dir=base))
+def probe_sequences(sequences: Sequence[list[int]], max_model_len: int, count: int) -> list[list[int]]:
+    """The first ``count`` sequences, cut to what a replica accepts as a prompt (one token to spare)."""
+    return [list(tokens[: max_model_len - 1]) for tokens in sequences[:count]]
 
 
 def mean_abs_diff(trainer: Sequence[Sequence[float]], engine: Sequence[Sequence[float]]) -> float:
@@ -95,46 +84,36 @@ def mean_abs_diff(trainer: Sequence[Sequence[float]], engine: Sequence[Sequence[
 class WeightSync:
     def __init__(
         self,
-        exporter: PolicyExporter,
+        policy: PolicyWeights,
         replicas: list[InferenceReplica],
         gate: Optional[ServingGate],
+        transport: WeightTransport,
         *,
-        weights_root: Path,
-        dtype: str,
-        bucket_bytes: int = 512 << 20,
         check_threshold: Optional[float] = 0.05,
         drain_timeout_s: float = 60.0,
     ):
-        self.exporter = exporter
+        self.policy = policy
         self.replicas = replicas
         self.gate = gate
-        self.weights_root = weights_root
-        self.dtype = dtype
-        self.bucket_bytes = bucket_bytes
+        self.transport = transport
         self.check_threshold = check_threshold
         self.drain_timeout_s = drain_timeout_s
         self.policy_version = 0
-        self.current_weights: Optional[Path] = None
 
     async def sync(self, version: int, probe: list[list[int]]) -> SyncReport:
         """Push the trainer's weights as policy ``version`` (the trainer step) and check them on ``probe``."""
         start = time.perf_counter()
-        staging = self.weights_root / f".v{version}.tmp"
-        target = self.weights_root / f"v{version}"
-        # Left over when an earlier attempt at this version failed after exporting.
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(target, ignore_errors=True)
-        exported = await asyncio.to_thread(self.exporter.export_weights, str(staging), self.bucket_bytes, self.dtype)
-        staging.rename(target)
-        export_s = time.perf_counter() - start
+        prepared = await self.transport.prepare(version)
 
         swap_start = time.perf_counter()
         if self.gate is not None and not await self.gate.pause(self.drain_timeout_s):
-            logger.warning("gateway did not drain within %.0fs; replicas pause with requests in flight", self.drain_timeout_s)
+            logger.warning(
+                "gateway did not drain within %.0fs; replicas pause with requests in flight", self.drain_timeout_s
+            )
         try:
             await asyncio.gather(*(replica.pause() for replica in self.replicas))
             try:
-                await asyncio.gather(*(replica.load_weights(str(target), version) for replica in self.replicas))
+                await self.transport.push(version, self.replicas)
             finally:
                 await asyncio.gather(*(replica.resume() for replica in self.replicas))
         finally:
@@ -142,16 +121,14 @@ class WeightSync:
                 self.gate.resume(version if self._loaded_everywhere(version) else self.policy_version)
         swap_s = time.perf_counter() - swap_start
         self.policy_version = version
-        if self.current_weights is not None:
-            shutil.rmtree(self.current_weights, ignore_errors=True)
-        self.current_weights = target
 
         report = SyncReport(
             policy_version=version,
+            transport=self.transport.name,
             seconds=time.perf_counter() - start,
-            export_seconds=export_s,
+            prepare_seconds=prepared.prepare_seconds,
             swap_seconds=swap_s,
-            bytes=exported["bytes"],
+            bytes=prepared.bytes,
         )
         if probe:
             report.per_replica_diff = await self.verify(probe)
@@ -178,7 +155,7 @@ class WeightSync:
 
     async def compare(self, probe: list[list[int]]) -> dict[str, float]:
         """Mean |trainer - replica| log-prob over the probe's tokens, per replica."""
-        trainer = await asyncio.to_thread(self.exporter.log_probs, probe)
+        trainer = await asyncio.to_thread(self.policy.log_probs, probe)
         # Trainer slot t predicts token t+1 (the last slot predicts nothing); engine entry t is token t.
         trainer_rows = [row[: len(seq) - 1] for row, seq in zip(trainer, probe)]
         results = {}
@@ -188,4 +165,4 @@ class WeightSync:
         return results
 
     def close(self) -> None:
-        shutil.rmtree(self.weights_root, ignore_errors=True)
+        self.transport.close()

@@ -1,0 +1,85 @@
+"""Checkpoints of a run: ``<run_dir>/checkpoints/global_step_N/{actor/, trainer_state.json}`` and a latest pointer.
+
+The actor's weights and optimizer are verl's checkpoint (``actor/``); the loop's own
+counters are one :class:`Progress` record saved whole beside it. The pointer moves
+only after both are on disk (fsynced), so a crash mid-save leaves the previous
+checkpoint the valid one; the spool forgets batches only after that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+LATEST_FILE = "latest_checkpointed_iteration.txt"
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class Progress:
+    """Where the loop stands: the step trained last and what has been trained and rejected so far."""
+
+    step: int = 0
+    groups_trained_total: int = 0
+    groups_rejected_total: int = 0
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under ``root`` and then each folder, so renames and new entries are durable."""
+    folders = [root]
+    for path in root.rglob("*"):
+        if path.is_file():
+            _fsync_path(path)
+        elif path.is_dir():
+            folders.append(path)
+    for folder in reversed(folders):
+        _fsync_path(folder)
+
+
+class CheckpointDir:
+    def __init__(self, root: Path, keep: Optional[int]):
+        self.root = root
+        self.keep = keep
+
+    def step_dir(self, step: int) -> Path:
+        return self.root / f"global_step_{step}"
+
+    def actor_dir(self, step: int) -> Path:
+        return self.step_dir(step) / "actor"
+
+    def latest_step(self) -> Optional[int]:
+        pointer = self.root / LATEST_FILE
+        if not pointer.exists():
+            return None
+        return int(pointer.read_text().strip())
+
+    def load_progress(self, step: int) -> Progress:
+        return Progress(**json.loads((self.step_dir(step) / STATE_FILE).read_text()))
+
+    def commit(self, progress: Progress) -> None:
+        """Write the progress record, flush the checkpoint to disk, then move the latest pointer."""
+        step_dir = self.step_dir(progress.step)
+        (step_dir / STATE_FILE).write_text(json.dumps(dataclasses.asdict(progress), indent=2))
+        _fsync_tree(step_dir)
+        tmp = self.root / f".{LATEST_FILE}.tmp"
+        tmp.write_text(str(progress.step))
+        _fsync_path(tmp)
+        tmp.replace(self.root / LATEST_FILE)
+        _fsync_path(self.root)
+        if self.keep:
+            steps = sorted(int(p.name.split("_")[-1]) for p in self.root.glob("global_step_*"))
+            for old in steps[: -self.keep]:
+                shutil.rmtree(self.step_dir(old), ignore_errors=True)

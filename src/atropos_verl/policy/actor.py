@@ -1,0 +1,172 @@
+"""The policy's training side: verl 0.9.1 FSDP2 ``TrainingWorker``s on a Ray worker group.
+
+The driver holds an :class:`Actor`; each rank runs a :class:`PolicyWorker`
+(verl's ``TrainingWorker``, which owns the FSDP2 engine, optimizer and
+checkpoint manager). One Atropos batch becomes one call of verl's
+``train_mini_batch`` (``actor.num_mini_batches`` optimizer steps), with our
+advantage-weighted token loss installed through ``set_loss_fn``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from functools import partial
+from typing import Any
+
+import ray
+import torch
+from tensordict import TensorDict
+from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
+from verl.utils import tensordict_utils as tu
+
+from atropos_verl.batch import pack_sequences
+from atropos_verl.config import RunConfig
+from atropos_verl.loss import verl_policy_loss
+from atropos_verl.policy.verl_config import training_worker_config
+from atropos_verl.policy.worker import PolicyWorker
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("trainer.device=cuda but torch sees no CUDA device; use trainer.device=cpu or auto")
+    return requested
+
+
+def ensure_ray(cfg: RunConfig, device: str) -> bool:
+    """Join ``trainer.ray_address`` or start a private local Ray instance; True if this call started Ray.
+
+    Ray 2.60 advertises the host's own address and binds its gRPC ports on all
+    interfaces whatever ``_node_ip_address`` says; those ports require Ray's
+    cluster token (on by default), and our own listeners stay on loopback.
+    """
+    if ray.is_initialized():
+        return False
+    env_vars = {}
+    if device == "cpu":
+        # Workers unpickle PolicyWorker (importing this module) before verl picks a
+        # platform; naming the plugin as well keeps that independent of import order.
+        env_vars = {"VERL_PLATFORM": "cpu", "VERL_USE_EXTERNAL_MODULES": "atropos_verl.policy.platform_cpu"}
+    if cfg.trainer.ray_address:
+        ray.init(address=cfg.trainer.ray_address, runtime_env={"env_vars": env_vars})
+    else:
+        num_cpus = cfg.trainer.ray_num_cpus or max(os.cpu_count() or 1, cfg.trainer.world_size)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env_vars})
+    return True
+
+
+def _mean(value: Any) -> float:
+    values = _as_list(value)
+    return float(sum(float(v) for v in values) / max(len(values), 1))
+
+
+def _total(value: Any) -> float:
+    return float(sum(float(v) for v in _as_list(value)))
+
+
+def _as_list(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+class Actor:
+    """Driver-side handle on the policy's FSDP2 workers."""
+
+    def __init__(self, cfg: RunConfig, model_path: str, worker_cls: type[PolicyWorker] = PolicyWorker):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.trainer.device)
+        if self.device == "cpu":
+            os.environ["VERL_PLATFORM"] = "cpu"
+        self._owns_ray = ensure_ray(cfg, self.device)
+        worker_config = training_worker_config(cfg, model_path, self.device)
+        self._pool = pool = RayResourcePool(
+            process_on_nodes=[cfg.trainer.n_gpus_per_node] * cfg.trainer.nnodes,
+            use_gpu=self.device == "cuda",
+            # Each CPU worker takes one Ray CPU; verl's default of 10 asks for 10 per worker and never schedules.
+            max_colocate_count=1 if self.device == "cpu" else 10,
+        )
+        self.workers = RayWorkerGroup(
+            resource_pool=pool,
+            ray_cls_with_init=RayClassWithInitArgs(ray.remote(worker_cls), config=worker_config, device=self.device),
+            device_name=self.device,
+        )
+        self.workers.set_loss_fn(
+            partial(verl_policy_loss, reduction=cfg.loss.reduction, clip_ratio=cfg.loss.clip_ratio)
+        )
+        self.workers.reset()
+        self.data_parallel_size = cfg.trainer.world_size // cfg.actor.ulysses_sequence_parallel_size
+        logger.info(
+            "policy workers ready: %d x %s, data-parallel %d, ulysses %d (%s)",
+            cfg.trainer.world_size,
+            self.device,
+            self.data_parallel_size,
+            cfg.actor.ulysses_sequence_parallel_size,
+            socket.gethostname(),
+        )
+
+    @property
+    def batch_multiple(self) -> int:
+        """Sequence counts must be a multiple of this for verl to split a batch evenly."""
+        return self.data_parallel_size * self.cfg.actor.num_mini_batches
+
+    def train(self, batch: TensorDict) -> dict[str, float]:
+        """One Atropos batch → ``num_mini_batches`` optimizer steps; returns scalar metrics."""
+        tu.assign_non_tensor(
+            batch,
+            num_mini_batch=self.cfg.actor.num_mini_batches,
+            epochs=1,
+            seed=self.cfg.actor.seed,
+        )
+        output = self.workers.train_mini_batch(batch).get()
+        raw = tu.get(output, "metrics")
+        metrics = {
+            "train/loss": _mean(raw["loss"]),
+            "train/grad_norm": _mean(raw["grad_norm"]),
+            "train/logprob": _mean(raw["actor/logprob"]),
+        }
+        if "lr" in raw:
+            metrics["train/lr"] = _mean(raw["lr"])
+        sampled = _total(raw["actor/inference_logprob_weight_share"])
+        if sampled > 0:
+            metrics["train/inference_logprob_abs_diff"] = (
+                _total(raw["actor/inference_logprob_abs_diff_share"]) / sampled
+            )
+        if "actor/clip_fraction" in raw:
+            metrics["train/clip_fraction"] = _mean(raw["actor/clip_fraction"])
+        if "mfu" in raw:
+            metrics["perf/mfu"] = _mean(raw["mfu"])
+        if "perf/max_memory_allocated_gb" in raw:
+            metrics["perf/max_memory_allocated_gb"] = max(
+                float(v) for v in _as_list(raw["perf/max_memory_allocated_gb"])
+            )
+        return metrics
+
+    def export_weights(self, out_dir: str, bucket_bytes: int, dtype: str) -> dict[str, float]:
+        """Full policy weights as safetensors buckets in ``out_dir`` (see PolicyWorker.export_weights)."""
+        return self.workers.export_weights(out_dir, bucket_bytes, dtype)[0]
+
+    def log_probs(self, sequences: list[list[int]]) -> list[list[float]]:
+        """Per-token log-probs of each sequence under the current weights: entry t is log p(token t+1)."""
+        batch = pack_sequences(sequences, self.batch_multiple)
+        output = self.workers.infer_batch(batch).get()
+        values = output["log_probs"]
+        return [row.tolist()[: len(seq)] for row, seq in zip(values.unbind(), sequences)]
+
+    def save_checkpoint(self, path: str, step: int) -> None:
+        self.workers.save_checkpoint(path, global_step=step, max_ckpt_to_keep=None)
+
+    def load_checkpoint(self, path: str) -> None:
+        self.workers.load_checkpoint(path, del_local_after_load=False)
+
+    def shutdown(self) -> None:
+        """Stop the workers and free their placement groups (and Ray itself if this Actor started it)."""
+        for worker in self.workers.workers:
+            ray.kill(worker)
+        for placement_group in self._pool.pgs or []:
+            ray.util.remove_placement_group(placement_group)
+        if self._owns_ray:
+            ray.shutdown()

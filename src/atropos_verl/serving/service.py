@@ -1,0 +1,244 @@
+"""The inference side the trainer runs: replicas + gateway + weight sync, started and stopped as one.
+
+``engine.kind=external`` needs none of this (environments bring their own
+servers); ``vllm`` and ``sglang`` start ``engine.replicas`` servers from the
+policy's starting weights, put the gateway in front of them, and after every
+optimizer step push the new weights and prove the replicas hold them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+from atropos_verl.assets import BUILTIN_PREFIX
+from atropos_verl.config import EngineConfig, ModelConfig
+from atropos_verl.modelinfo import model_info
+from atropos_verl.serving.gateway import Gateway
+from atropos_verl.serving.replicas import EngineError, InferenceReplica, ReplicaSpec
+from atropos_verl.serving.sync import SyncReport, WeightSync, probe_sequences
+from atropos_verl.serving.transports.base import PolicyWeights
+from atropos_verl.serving.transports.folder import FolderTransport, default_weights_root
+
+logger = logging.getLogger(__name__)
+
+
+def engine_dtype(engine: EngineConfig, model: ModelConfig, model_path: str) -> str:
+    """The dtype replicas compute in, and therefore the one weights are exported in."""
+    if engine.dtype != "auto":
+        return engine.dtype
+    return model_info(model_path, model.trust_remote_code).dtype
+
+
+def served_model_name(model: ModelConfig, model_path: str) -> str:
+    """Environments name the policy by what the user gave (hub id or folder); builtin models by their folder.
+
+    atroposlib clients also load their tokenizer from the model name when given none,
+    so the name must be something ``AutoTokenizer`` can open.
+    """
+    return model_path if model.path.startswith(BUILTIN_PREFIX) else model.path
+
+
+def build_replicas(engine: EngineConfig, model: ModelConfig, model_path: str, log_dir: Path) -> list[InferenceReplica]:
+    dtype = engine_dtype(engine, model, model_path)
+    replicas: list[InferenceReplica] = []
+    for index in range(engine.replicas):
+        spec = ReplicaSpec(
+            model_path=model_path,
+            served_model_name=served_model_name(model, model_path),
+            dtype=dtype,
+            max_model_len=engine.max_model_len,
+            gpu_memory_utilization=engine.gpu_memory_utilization,
+            tensor_parallel_size=engine.tensor_parallel_size,
+            enable_sleep_mode=engine.sleep_during_training,
+            extra_args=list(engine.extra_args),
+        )
+        if engine.kind == "vllm":
+            from atropos_verl.serving.replicas.vllm import VLLMReplica
+
+            replicas.append(VLLMReplica(spec, name=f"vllm-{index}", log_dir=log_dir))
+        else:
+            from atropos_verl.serving.replicas.sglang import SGLangReplica
+
+            replicas.append(SGLangReplica(spec, name=f"sglang-{index}", log_dir=log_dir))
+    return replicas
+
+
+class NoServing:
+    """``engine=external``: environments bring their own servers; weights go nowhere."""
+
+    url: Optional[str] = None
+    model_name: Optional[str] = None
+    api_key: Optional[str] = None
+
+    async def start_gateway(self) -> None:
+        pass
+
+    async def start_replicas(self) -> None:
+        pass
+
+    async def attach(self, policy: PolicyWeights, policy_version: int, resumed: bool) -> None:
+        pass
+
+    async def before_training(self) -> None:
+        pass
+
+    async def after_training(self, policy_version: int, sequences: list[list[int]]) -> dict[str, float]:
+        return {}
+
+    async def stop(self) -> None:
+        pass
+
+
+class InferenceService:
+    """Replicas + gateway + weight sync for ``engine=vllm|sglang``; :class:`NoServing` has the same face."""
+
+    def __init__(self, engine: EngineConfig, model: ModelConfig, model_path: str, run_dir: Path):
+        self.engine = engine
+        self.dtype = engine_dtype(engine, model, model_path)
+        self.replicas = build_replicas(engine, model, model_path, run_dir / "engines")
+        self.model_name = served_model_name(model, model_path)
+        api_key = os.environ.get(engine.api_key_env) if engine.api_key_env else None
+        if engine.api_key_env and not api_key:
+            raise EngineError(f"engine.api_key_env names {engine.api_key_env!r}, which is not set")
+        self.api_key = api_key
+        self.gateway = Gateway(
+            [],
+            model_name=self.model_name,
+            host=engine.gateway_host,
+            port=engine.gateway_port,
+            api_key=api_key,
+            max_wait_s=engine.max_wait,
+            extra_ports=list(engine.gateway_extra_ports),
+        )
+        self.weight_sync: Optional[WeightSync] = None
+        # Syncs and restarts both reconfigure replicas; one at a time.
+        self._replica_lock = asyncio.Lock()
+        self._monitor_task: Optional[asyncio.Task] = None
+        self.replicas_restarted = 0
+
+    @property
+    def url(self) -> str:
+        return self.gateway.url
+
+    async def start_gateway(self) -> None:
+        """The gateway comes up first so environments can connect early: their requests wait for replicas."""
+        await self.gateway.start()
+        logger.info("gateway for environments: %s/v1 (model %s)", self.gateway.url, self.model_name)
+
+    async def start_replicas(self) -> None:
+        await asyncio.gather(*(replica.start(self.engine.startup_timeout) for replica in self.replicas))
+        self.gateway.set_backends([replica.base_url for replica in self.replicas])
+
+    async def attach(self, policy: PolicyWeights, policy_version: int, resumed: bool) -> None:
+        """Connect the trainer's weights at ``policy_version`` (its step) and start watching replica health.
+
+        A resumed run's replicas started from the base weights: they get the checkpoint's first.
+        """
+        transport = FolderTransport(
+            policy, root=default_weights_root(), dtype=self.dtype, bucket_bytes=self.engine.sync_bucket_mb << 20
+        )
+        self.weight_sync = WeightSync(
+            policy,
+            self.replicas,
+            self.gateway,
+            transport,
+            check_threshold=self.engine.sync_check_threshold,
+            drain_timeout_s=self.engine.drain_timeout,
+        )
+        self.weight_sync.policy_version = policy_version
+        self.gateway.resume(policy_version)
+        self._monitor_task = asyncio.create_task(self._monitor())
+        if resumed:
+            await self.sync(policy_version, probe=[])
+
+    async def before_training(self) -> None:
+        """Free accelerator memory for the update when replicas share the trainer's GPUs."""
+        if self.engine.sleep_during_training:
+            await self.gateway.pause(self.engine.drain_timeout)
+            await asyncio.gather(*(replica.sleep() for replica in self.replicas))
+
+    async def after_training(self, policy_version: int, sequences: list[list[int]]) -> dict[str, float]:
+        """Sync ``policy_version`` into every replica, proven on the first of ``sequences``; its metrics."""
+        probe = probe_sequences(sequences, self.engine.max_model_len, self.engine.sync_probe_sequences)
+        return (await self.sync(policy_version, probe)).as_metrics()
+
+    async def sync(self, policy_version: int, probe: list[list[int]]) -> SyncReport:
+        assert self.weight_sync is not None, "attach() the trainer before syncing"
+        async with self._replica_lock:
+            if self.engine.sleep_during_training:
+                await asyncio.gather(*(replica.wake_up() for replica in self.replicas))
+            # A replica that died since the monitor's last look would fail the sync: replace it first.
+            await self._restart_unhealthy("found unhealthy before the weight sync")
+            try:
+                report = await self.weight_sync.sync(policy_version, probe)
+            except EngineError as exc:
+                # One that failed during the sync is replaced and the sync done again, once.
+                if not await self._restart_unhealthy(f"failed during the sync of policy version {policy_version}"):
+                    raise
+                logger.warning(
+                    "syncing policy version %d again after a replica failed mid-sync: %s", policy_version, exc
+                )
+                report = await self.weight_sync.sync(policy_version, probe)
+        report.replicas_restarted = self.replicas_restarted
+        return report
+
+    async def _restart_unhealthy(self, reason: str) -> int:
+        """Restart every replica that fails one health check now; returns how many."""
+        healthy = await asyncio.gather(*(replica.health() for replica in self.replicas))
+        for replica, ok in zip(self.replicas, healthy):
+            if not ok:
+                await self._restart(replica, reason)
+        return healthy.count(False)
+
+    async def _monitor(self) -> None:
+        """Restart a replica that fails ``engine.health_failures`` checks in a row (dead or hung).
+
+        The gateway stops routing to it at once; it rejoins only after it has loaded
+        the current policy, so environments never sample a stale one. Runs while the
+        trainer waits for data too: a dead replica would otherwise starve the run.
+        """
+        failures = {replica.name: 0 for replica in self.replicas}
+        while True:
+            await asyncio.sleep(self.engine.health_interval)
+            async with self._replica_lock:
+                for replica in self.replicas:
+                    failures[replica.name] = 0 if await replica.health() else failures[replica.name] + 1
+                    if failures[replica.name] >= self.engine.health_failures:
+                        await self._restart(replica, f"failed {failures[replica.name]} health checks in a row")
+                        failures[replica.name] = 0
+
+    async def _restart(self, replica: InferenceReplica, reason: str) -> None:
+        logger.warning("%s %s: restarting it", replica, reason)
+        self.gateway.set_backends([r.base_url for r in self.replicas if r is not replica])
+        await replica.stop()
+        await replica.start(self.engine.startup_timeout)
+        if self.weight_sync is not None:
+            await self.weight_sync.transport.restore(replica)
+        self.gateway.set_backends([r.base_url for r in self.replicas])
+        self.replicas_restarted += 1
+        logger.info("%s restarted and serving policy version %d", replica, replica.policy_version)
+
+    async def stop(self) -> None:
+        if self._monitor_task is not None:
+            self._monitor_task.cancel()
+            try:
+                await self._monitor_task
+            except asyncio.CancelledError:
+                pass
+        await self.gateway.stop()
+        await asyncio.gather(*(replica.stop() for replica in self.replicas), return_exceptions=True)
+        if self.weight_sync is not None:
+            self.weight_sync.close()
+
+
+def serving_for(
+    engine: EngineConfig, model: ModelConfig, model_path: str, run_dir: Path
+) -> InferenceService | NoServing:
+    """What the run serves the policy with: replicas behind a gateway, or nothing (``engine=external``)."""
+    if engine.kind == "external":
+        return NoServing()
+    return InferenceService(engine, model, model_path, run_dir)
