@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 export ATROPOS_VERL_CACHE := $(CACHE_DIR)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install models test test-unit test-slow faults demo clean-venv
+.PHONY: install models lint test test-unit test-slow faults demo clean-venv
 
 $(VENV)/.complete: $(LOCK) scripts/build_venv.sh
 	bash scripts/build_venv.sh "$(PYTHON)" "$(VENV)" "$(LOCK)"
@@ -28,7 +28,12 @@ install: $(VENV)/.complete
 models: install
 	$(PY) -m atropos_verl.assets tiny-llama smollm2-135m-instruct
 
-test: models
+# ruff's rules and line length are in pyproject.toml; the whole tree stays clean and formatted.
+lint: install
+	$(PY) -m ruff check src tests bench experiments
+	$(PY) -m ruff format --check src tests bench experiments
+
+test: lint models
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-unit: install

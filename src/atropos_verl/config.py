@@ -1,16 +1,21 @@
-"""Typed configuration of a training run.
+"""Typed configuration of a training run: the one place its defaults are written.
 
-Hydra composes the YAML groups under ``conf/``; :func:`load_config` merges the
-result onto these dataclasses, so an unknown key or a wrong type fails at
-start-up with OmegaConf's message naming the full key, and :meth:`validate`
-checks the values that types alone cannot (ranges, divisibility, choices).
+The dataclasses below are registered with Hydra's ConfigStore as ``run_config``, the
+first entry of ``conf/config.yaml``'s defaults list; the YAML groups under ``conf/``
+override only what differs. :func:`load_config` turns a composed config into these
+dataclasses (an unknown key or a wrong type fails with OmegaConf's message naming the
+full key), and :meth:`RunConfig.validate` checks what types alone cannot: the rules
+attached to each field (:func:`rule`: ranges, choices, non-empty) and the rules that
+tie fields together.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -24,15 +29,58 @@ def _require(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def rule(
+    *,
+    ge: Optional[float] = None,
+    gt: Optional[float] = None,
+    le: Optional[float] = None,
+    choices: Optional[tuple] = None,
+    nonempty: bool = False,
+    note: str = "",
+) -> dict[str, Any]:
+    """A field's own rule, checked by :func:`check_fields` (null values pass: null means "not set")."""
+    return {"ge": ge, "gt": gt, "le": le, "choices": choices, "nonempty": nonempty, "note": note}
+
+
+def check_fields(section: Any, prefix: str) -> None:
+    """Apply every field's :func:`rule`; the error names ``prefix.field`` and the allowed values."""
+    for f in dataclasses.fields(section):
+        checks = f.metadata
+        value = getattr(section, f.name)
+        if not checks or value is None:
+            continue
+        key, got, note = f"{prefix}.{f.name}", f"got {value!r}", f" ({checks['note']})" if checks["note"] else ""
+        if checks["choices"] is not None:
+            _require(value in checks["choices"], key, f"must be one of {', '.join(map(str, checks['choices']))}, {got}")
+        if checks["nonempty"]:
+            _require(bool(value), key, f"must not be empty{note}")
+        if checks["ge"] is not None:
+            _require(value >= checks["ge"], key, f"must be >= {checks['ge']}{note}, {got}")
+        if checks["gt"] is not None:
+            _require(value > checks["gt"], key, f"must be > {checks['gt']}{note}, {got}")
+        if checks["le"] is not None:
+            _require(value <= checks["le"], key, f"must be <= {checks['le']}{note}, {got}")
+
+
+def _f(default: Any, **checks: Any) -> Any:
+    """A field with a default (a list default is copied per instance) and its rule."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=rule(**checks))
+    return field(default=default, metadata=rule(**checks))
+
+
+ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+
+
 @dataclass
 class ModelConfig:
     # A Hugging Face hub id, a local folder, or ``builtin:<name>`` for the models
     # this project builds from registry packages (see atropos_verl.assets).
-    path: str = "builtin:tiny-llama"
+    path: str = _f("builtin:tiny-llama", nonempty=True, note="a hub id, a local folder or builtin:<name>")
     tokenizer_path: Optional[str] = None
     trust_remote_code: bool = False
     # flash_attention_2 needs flash-attn; sdpa runs everywhere.
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = _f("sdpa", choices=ATTENTION)
     enable_gradient_checkpointing: bool = False
     # Pack each micro-batch into one row (verl's remove padding). null = auto: on with flash
     # attention (its varlen kernel is the fast path; Ulysses needs it), off with SDPA/eager,
@@ -47,51 +95,37 @@ class ModelConfig:
         return self.use_remove_padding
 
     def validate(self) -> None:
-        _require(bool(self.path), "model.path", "must name a hub id, a local folder or builtin:<name>")
-        _require(
-            self.attn_implementation in ("sdpa", "eager", "flash_attention_2", "flash_attention_3"),
-            "model.attn_implementation",
-            f"unknown value {self.attn_implementation!r}",
-        )
+        check_fields(self, "model")
 
 
 @dataclass
 class AtroposConfig:
     api_url: str = "http://127.0.0.1:8000"
     # Seconds start-up waits for the API before failing (the seed's atropos.timeout).
-    timeout: float = 60.0
-    request_timeout: float = 30.0
-    poll_interval: float = 0.2
-    max_poll_interval: float = 5.0
+    timeout: float = _f(60.0, gt=0)
+    request_timeout: float = _f(30.0, gt=0)
+    poll_interval: float = _f(0.2, gt=0)
+    max_poll_interval: float = _f(5.0, gt=0)
     # Give up when no batch arrives for this long (null waits forever).
-    batch_timeout: Optional[float] = 1800.0
-    max_retries: int = 5
+    batch_timeout: Optional[float] = _f(1800.0, gt=0)
+    max_retries: int = _f(5, ge=0)
     # A second trainer registering does not reset the API; allow wiping its state.
     reset_on_mismatch: bool = False
     # auto: start run-api at api_url when nothing answers there (loopback URLs only);
     # always: start it (the port must be free); never: it must already run.
-    start_api: str = "auto"
+    start_api: str = _f("auto", choices=("auto", "always", "never"))
     wandb_group: str = "atropos-verl"
     wandb_project: str = "atropos-verl"
 
     def validate(self) -> None:
+        check_fields(self, "atropos")
         _require(
             self.api_url.startswith(("http://", "https://")), "atropos.api_url", f"not an http(s) URL: {self.api_url!r}"
         )
-        _require(self.timeout > 0, "atropos.timeout", f"must be > 0, got {self.timeout}")
-        _require(self.request_timeout > 0, "atropos.request_timeout", f"must be > 0, got {self.request_timeout}")
-        _require(self.poll_interval > 0, "atropos.poll_interval", f"must be > 0, got {self.poll_interval}")
         _require(
             self.max_poll_interval >= self.poll_interval,
             "atropos.max_poll_interval",
             f"must be >= atropos.poll_interval ({self.poll_interval}), got {self.max_poll_interval}",
-        )
-        _require(self.batch_timeout is None or self.batch_timeout > 0, "atropos.batch_timeout", "must be > 0 or null")
-        _require(self.max_retries >= 0, "atropos.max_retries", f"must be >= 0, got {self.max_retries}")
-        _require(
-            self.start_api in ("auto", "always", "never"),
-            "atropos.start_api",
-            f"must be auto, always or never, got {self.start_api!r}",
         )
 
 
@@ -102,22 +136,17 @@ NORMALIZATIONS = ("group", "batch", "none")
 class AdvantageConfig:
     # Where score-derived advantages are centred (and scaled): within each group
     # (GRPO), across the whole batch, or not at all (raw scores).
-    normalization: str = "group"
+    normalization: str = _f("group", choices=NORMALIZATIONS)
     # Divide by the standard deviation after centring (false: Dr. GRPO style).
     scale_by_std: bool = True
-    eps: float = 1e-6
+    eps: float = _f(1e-6, gt=0)
     # [low, high] applied to every final advantage, or null for no clipping.
-    clip: Optional[list[float]] = field(default_factory=lambda: [-3.0, 3.0])
+    clip: Optional[list[float]] = _f([-3.0, 3.0])
     # Token-level advantages sent by an environment replace score-derived ones.
     use_env_advantages: bool = True
 
     def validate(self) -> None:
-        _require(
-            self.normalization in NORMALIZATIONS,
-            "advantage.normalization",
-            f"must be one of {NORMALIZATIONS}, got {self.normalization!r}",
-        )
-        _require(self.eps > 0, "advantage.eps", f"must be > 0, got {self.eps}")
+        check_fields(self, "advantage")
         if self.clip is not None:
             _require(len(self.clip) == 2, "advantage.clip", f"must be [low, high] or null, got {self.clip}")
             _require(self.clip[0] < self.clip[1], "advantage.clip", f"low must be < high, got {self.clip}")
@@ -130,7 +159,7 @@ REDUCTIONS = ("token-mean", "sequence-mean", "sum")
 class LossConfig:
     # token-mean: sum(-A*m*logp)/sum(m) over the mini-batch (all DP ranks);
     # sequence-mean: mean over sequences of each sequence's token mean; sum: no normalisation.
-    reduction: str = "token-mean"
+    reduction: str = _f("token-mean", choices=REDUCTIONS)
     # PPO-style ratio clip against the env's inference_logprobs (null: plain
     # advantage-weighted cross-entropy, which is what on-policy data needs).
     clip_ratio: Optional[float] = None
@@ -139,7 +168,7 @@ class LossConfig:
     use_sampling_temperature: bool = True
 
     def validate(self) -> None:
-        _require(self.reduction in REDUCTIONS, "loss.reduction", f"must be one of {REDUCTIONS}, got {self.reduction!r}")
+        check_fields(self, "loss")
         _require(
             self.clip_ratio is None or 0 < self.clip_ratio < 1,
             "loss.clip_ratio",
@@ -151,16 +180,16 @@ class LossConfig:
 class ActorConfig:
     """verl FSDP2 training engine settings (verl's names where they exist)."""
 
-    strategy: str = "fsdp2"
-    lr: float = 1e-6
+    strategy: str = _f("fsdp2", choices=("fsdp2",))
+    lr: float = _f(1e-6, gt=0)
     weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    clip_grad: float = 1.0
+    betas: list[float] = _f([0.9, 0.999])
+    clip_grad: float = _f(1.0, gt=0)
     lr_warmup_steps: int = 0
-    lr_scheduler_type: str = "constant"
+    lr_scheduler_type: str = _f("constant", choices=("constant", "cosine"))
     # Compute dtype. bfloat16 keeps fp32 master weights and runs matmuls in bf16.
-    dtype: str = "bfloat16"
-    ulysses_sequence_parallel_size: int = 1
+    dtype: str = _f("bfloat16", choices=("bfloat16", "float32"))
+    ulysses_sequence_parallel_size: int = _f(1, ge=1)
     fsdp_size: int = -1
     # FSDP2 frees gathered parameters after each layer's forward (ZeRO-3); false keeps them
     # until backward, trading memory for fewer all-gathers. null = auto: false on a single
@@ -178,29 +207,17 @@ class ActorConfig:
     # offloaded to the CPU, where the fused kernel cannot run.
     fused_optimizer: Optional[bool] = None
     use_dynamic_bsz: bool = True
-    max_token_len_per_gpu: int = 16384
-    micro_batch_size_per_gpu: int = 4
+    max_token_len_per_gpu: int = _f(16384, gt=0)
+    micro_batch_size_per_gpu: int = _f(4, gt=0)
     # Optimizer steps per Atropos batch (PPO-style mini-batches over one batch).
-    num_mini_batches: int = 1
+    num_mini_batches: int = _f(1, ge=1)
     use_torch_compile: bool = False
     use_fused_kernels: bool = False
     seed: int = 42
 
     def validate(self) -> None:
-        _require(self.strategy == "fsdp2", "actor.strategy", f"only fsdp2 is supported, got {self.strategy!r}")
-        _require(self.lr > 0, "actor.lr", f"must be > 0, got {self.lr}")
+        check_fields(self, "actor")
         _require(len(self.betas) == 2, "actor.betas", f"must be [beta1, beta2], got {self.betas}")
-        _require(self.clip_grad > 0, "actor.clip_grad", f"must be > 0, got {self.clip_grad}")
-        _require(
-            self.dtype in ("bfloat16", "float32"), "actor.dtype", f"must be bfloat16 or float32, got {self.dtype!r}"
-        )
-        _require(
-            self.lr_scheduler_type in ("constant", "cosine"), "actor.lr_scheduler_type", "must be constant or cosine"
-        )
-        _require(self.ulysses_sequence_parallel_size >= 1, "actor.ulysses_sequence_parallel_size", "must be >= 1")
-        _require(self.max_token_len_per_gpu > 0, "actor.max_token_len_per_gpu", "must be > 0")
-        _require(self.micro_batch_size_per_gpu > 0, "actor.micro_batch_size_per_gpu", "must be > 0")
-        _require(self.num_mini_batches >= 1, "actor.num_mini_batches", "must be >= 1")
         _require(
             not (self.fused_optimizer and self.param_offload),
             "actor.fused_optimizer",
@@ -221,62 +238,41 @@ class EngineConfig:
     weights into every replica after each step.
     """
 
-    kind: str = "external"
-    replicas: int = 1
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.5
-    max_model_len: int = 2048
+    kind: str = _f("external", choices=ENGINE_KINDS)
+    replicas: int = _f(1, ge=1)
+    tensor_parallel_size: int = _f(1, ge=1)
+    gpu_memory_utilization: float = _f(0.5, gt=0, le=1)
+    max_model_len: int = _f(2048, ge=2)
     # Engine compute dtype; auto follows the model's config.
-    dtype: str = "auto"
+    dtype: str = _f("auto", choices=("auto", "float32", "bfloat16", "float16"))
     # Free accelerator memory while the trainer trains (colocated GPUs).
     sleep_during_training: bool = False
-    startup_timeout: float = 900.0
-    extra_args: list[str] = field(default_factory=list)
+    startup_timeout: float = _f(900.0, gt=0)
+    extra_args: list[str] = _f([])
     gateway_host: str = "127.0.0.1"
     # Fixed port for environments to point at (null: a free port, logged at start).
     gateway_port: Optional[int] = None
     # More ports the gateway also answers on. An environment whose config_init returns a
     # single APIServerConfig ignores its base_url and calls localhost:9004-9007 (an
     # atroposlib quirk): [9004, 9005, 9006, 9007] serves it unmodified.
-    gateway_extra_ports: list[int] = field(default_factory=list)
+    gateway_extra_ports: list[int] = _f([])
     # Name of the environment variable holding the gateway's bearer token (the token
     # itself never sits in the config, so it cannot leak into logs or --cfg job).
     api_key_env: Optional[str] = None
     # Seconds a request may wait for a sync to finish before the gateway answers 503.
-    max_wait: float = 300.0
-    drain_timeout: float = 60.0
-    sync_bucket_mb: int = 512
+    max_wait: float = _f(300.0, gt=0)
+    drain_timeout: float = _f(60.0, gt=0)
+    sync_bucket_mb: int = _f(512, ge=1)
     # Mean |trainer - engine| log-prob on the probe above which the run stops (null: only log).
-    sync_check_threshold: Optional[float] = 0.05
-    sync_probe_sequences: int = 2
+    sync_check_threshold: Optional[float] = _f(0.05, gt=0)
+    sync_probe_sequences: int = _f(2, ge=0)
     # A replica failing this many health checks in a row, health_interval seconds apart,
     # is restarted and given the current weights before it serves again.
-    health_interval: float = 10.0
-    health_failures: int = 3
+    health_interval: float = _f(10.0, gt=0)
+    health_failures: int = _f(3, ge=1)
 
     def validate(self) -> None:
-        _require(self.kind in ENGINE_KINDS, "engine.kind", f"must be one of {ENGINE_KINDS}, got {self.kind!r}")
-        _require(self.replicas >= 1, "engine.replicas", f"must be >= 1, got {self.replicas}")
-        _require(self.tensor_parallel_size >= 1, "engine.tensor_parallel_size", "must be >= 1")
-        _require(0 < self.gpu_memory_utilization <= 1, "engine.gpu_memory_utilization", "must be in (0, 1]")
-        _require(self.max_model_len >= 2, "engine.max_model_len", f"must be >= 2, got {self.max_model_len}")
-        _require(
-            self.dtype in ("auto", "float32", "bfloat16", "float16"),
-            "engine.dtype",
-            f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}",
-        )
-        _require(self.startup_timeout > 0, "engine.startup_timeout", "must be > 0")
-        _require(self.max_wait > 0, "engine.max_wait", "must be > 0")
-        _require(self.drain_timeout > 0, "engine.drain_timeout", "must be > 0")
-        _require(self.sync_bucket_mb >= 1, "engine.sync_bucket_mb", "must be >= 1")
-        _require(
-            self.sync_check_threshold is None or self.sync_check_threshold > 0,
-            "engine.sync_check_threshold",
-            "must be > 0 or null",
-        )
-        _require(self.sync_probe_sequences >= 0, "engine.sync_probe_sequences", "must be >= 0")
-        _require(self.health_interval > 0, "engine.health_interval", "must be > 0")
-        _require(self.health_failures >= 1, "engine.health_failures", "must be >= 1")
+        check_fields(self, "engine")
 
 
 ENV_SERVER_TYPES = ("vllm", "sglang", "openai")
@@ -292,26 +288,20 @@ class EnvSpec:
     ``--openai.*`` flags; ``args`` are appended last, so they win.
     """
 
-    name: str = "env"
+    name: str = _f("env", nonempty=True)
     module: Optional[str] = None
     script: Optional[str] = None
-    args: list[str] = field(default_factory=list)
-    replicas: int = 1
+    args: list[str] = _f([])
+    replicas: int = _f(1, ge=1)
     # What the environment's inference client speaks (its APIServerConfig.server_type).
-    server_type: str = "vllm"
+    server_type: str = _f("vllm", choices=ENV_SERVER_TYPES)
 
     def validate(self, key: str) -> None:
-        _require(bool(self.name), f"{key}.name", "must not be empty")
+        check_fields(self, key)
         _require(
             (self.module is None) != (self.script is None),
             key,
             f"environment {self.name!r} needs exactly one of module or script",
-        )
-        _require(self.replicas >= 1, f"{key}.replicas", f"must be >= 1, got {self.replicas}")
-        _require(
-            self.server_type in ENV_SERVER_TYPES,
-            f"{key}.server_type",
-            f"must be one of {ENV_SERVER_TYPES}, got {self.server_type!r}",
         )
 
 
@@ -328,25 +318,24 @@ class DataConfig:
     ``data=atropos`` ignores them. Empty strings and 0 mean "not set".
     """
 
-    source: str = "atropos"
     envs: list[EnvSpec] = field(default_factory=list)
     # An environment that exits is restarted after restart_backoff x 2^n seconds, at most
     # max_restarts times in a row (a run of healthy uptime resets the count).
-    max_restarts: int = 5
-    restart_backoff: float = 2.0
+    max_restarts: int = _f(5, ge=0)
+    restart_backoff: float = _f(2.0, gt=0)
     # Hub dataset name, or a local .jsonl/.json/.parquet file or a folder of them.
     path: str = ""
-    split: str = "train"
+    split: str = _f("train", nonempty=True)
     # Held-out data scored greedily every few steps ("": no evaluation).
     eval_path: str = ""
-    eval_split: str = "test"
-    max_prompts: int = 0
-    eval_max_prompts: int = 0
+    eval_split: str = _f("test", nonempty=True)
+    max_prompts: int = _f(0, ge=0, note="0: all")
+    eval_max_prompts: int = _f(0, ge=0, note="0: all")
     # Tokens: longer prompts are skipped; answers are sampled up to max_response_length.
-    max_prompt_length: Optional[int] = None
-    max_response_length: Optional[int] = None
+    max_prompt_length: Optional[int] = _f(None, ge=0, note="0: no limit")
+    max_response_length: Optional[int] = _f(None, ge=1)
     # Answers per prompt; trainer.batch_size must be a multiple (the API packs whole groups).
-    group_size: Optional[int] = None
+    group_size: Optional[int] = _f(None, ge=1)
     # verl data_source for every row (picks verl's scorer), "" for each row's own.
     data_source: str = ""
     # verl: verl's default_compute_score by data_source; or package.module:function.
@@ -356,32 +345,11 @@ class DataConfig:
     answer_field: str = ""
 
     def validate(self) -> None:
-        _require(self.source == "atropos", "data.source", f"unsupported source {self.source!r}; available: atropos")
+        check_fields(self, "data")
         for index, env in enumerate(self.envs):
             env.validate(f"data.envs[{index}]")
         names = [env.name for env in self.envs]
         _require(len(set(names)) == len(names), "data.envs", f"environment names must be unique, got {names}")
-        _require(self.max_restarts >= 0, "data.max_restarts", "must be >= 0")
-        _require(self.restart_backoff > 0, "data.restart_backoff", "must be > 0")
-        _require(bool(self.split), "data.split", "must not be empty")
-        _require(bool(self.eval_split), "data.eval_split", "must not be empty")
-        _require(self.max_prompts >= 0, "data.max_prompts", f"must be >= 0 (0: all), got {self.max_prompts}")
-        _require(
-            self.eval_max_prompts >= 0, "data.eval_max_prompts", f"must be >= 0 (0: all), got {self.eval_max_prompts}"
-        )
-        _require(
-            self.max_prompt_length is None or self.max_prompt_length >= 0,
-            "data.max_prompt_length",
-            f"must be >= 0 (0: no limit), got {self.max_prompt_length}",
-        )
-        _require(
-            self.max_response_length is None or self.max_response_length >= 1,
-            "data.max_response_length",
-            f"must be >= 1, got {self.max_response_length}",
-        )
-        _require(
-            self.group_size is None or self.group_size >= 1, "data.group_size", f"must be >= 1, got {self.group_size}"
-        )
         _require(
             self.reward_fn == "verl" or ":" in self.reward_fn,
             "data.reward_fn",
@@ -400,14 +368,14 @@ class DataConfig:
 
 @dataclass
 class TrainerConfig:
-    total_training_steps: int = 10
+    total_training_steps: int = _f(10, ge=1)
     # Sequences per training step, registered with the Atropos API as batch_size.
-    batch_size: int = 8
+    batch_size: int = _f(8, ge=1)
     # Longest sequence (prompt + completion) accepted; longer groups are rejected.
-    max_token_len: int = 2048
-    device: str = "auto"
-    n_gpus_per_node: int = 1
-    nnodes: int = 1
+    max_token_len: int = _f(2048, ge=2)
+    device: str = _f("auto", choices=("auto", "cpu", "cuda"))
+    n_gpus_per_node: int = _f(1, ge=1)
+    nnodes: int = _f(1, ge=1)
     # Join an existing Ray cluster (multi-node); null starts a local one.
     ray_address: Optional[str] = None
     ray_num_cpus: Optional[int] = None
@@ -415,26 +383,16 @@ class TrainerConfig:
     project_name: str = "atropos-verl"
     experiment_name: str = "run"
     # verl Tracking backends besides metrics.jsonl: console, tensorboard, wandb, ...
-    logger: list[str] = field(default_factory=lambda: ["console"])
-    save_freq: int = 0
+    logger: list[str] = _f(["console"])
+    save_freq: int = _f(0, ge=0, note="0 saves only at the end")
     max_ckpt_to_keep: Optional[int] = None
     # auto: continue from the latest checkpoint in run_dir if there is one; disable: start fresh.
-    resume: str = "auto"
+    resume: str = _f("auto", choices=("auto", "disable"))
     # A live progress bar per step (off in logs and tests).
     progress_bar: bool = True
-    seed: int = 1
 
     def validate(self) -> None:
-        _require(self.total_training_steps >= 1, "trainer.total_training_steps", "must be >= 1")
-        _require(self.batch_size >= 1, "trainer.batch_size", f"must be >= 1, got {self.batch_size}")
-        _require(self.max_token_len >= 2, "trainer.max_token_len", f"must be >= 2, got {self.max_token_len}")
-        _require(
-            self.device in ("auto", "cpu", "cuda"), "trainer.device", f"must be auto, cpu or cuda, got {self.device!r}"
-        )
-        _require(self.n_gpus_per_node >= 1, "trainer.n_gpus_per_node", "must be >= 1")
-        _require(self.nnodes >= 1, "trainer.nnodes", "must be >= 1")
-        _require(self.save_freq >= 0, "trainer.save_freq", "must be >= 0 (0 saves only at the end)")
-        _require(self.resume in ("auto", "disable"), "trainer.resume", f"must be auto or disable, got {self.resume!r}")
+        check_fields(self, "trainer")
 
     @property
     def world_size(self) -> int:
@@ -512,11 +470,17 @@ class RunConfig:
 
 def load_config(cfg: DictConfig | dict[str, Any]) -> RunConfig:
     """Typed, validated view of a composed Hydra config; errors name the bad key."""
-    schema = OmegaConf.structured(RunConfig)
+    # Plain values merged onto a fresh schema: keys a ``+key=`` override slipped past
+    # Hydra's struct check are refused here like any unknown key.
+    plain = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else cfg
     try:
-        merged = OmegaConf.merge(schema, cfg)
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), plain)
         run_config: RunConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise ConfigError(str(exc).strip()) from exc
     run_config.validate()
     return run_config
+
+
+# Hydra's schema for conf/config.yaml (its first default): importing this module registers it.
+ConfigStore.instance().store(name="run_config", node=RunConfig)

@@ -124,8 +124,7 @@ async def _sleep_or_stop(stop: asyncio.Event | None, seconds: float) -> bool:
 class AtroposClient:
     """Trainer-side client: register, then pull batches of scored groups.
 
-    Use as `async with AtroposClient(url, registration) as client:`. Counters
-    (`batches_received`, `retries`, `reregistrations`, `resets`) are for logging.
+    Use as `async with AtroposClient(url, registration) as client:`.
     """
 
     def __init__(
@@ -157,10 +156,6 @@ class AtroposClient:
         self.retry_backoff_s = retry_backoff_s
         self.reset_on_mismatch = reset_on_mismatch
         self.uuid: int | None = None
-        self.batches_received = 0
-        self.retries = 0
-        self.reregistrations = 0
-        self.resets = 0
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> AtroposClient:
@@ -221,7 +216,6 @@ class AtroposClient:
         return body
 
     def _log_retry(self, what: str, state: RetryCallState) -> None:
-        self.retries += 1
         exc = state.outcome.exception() if state.outcome is not None else None
         reason = exc.reason if isinstance(exc, _TransientError) else _describe(exc) if exc else "no result"
         logger.warning(
@@ -278,8 +272,6 @@ class AtroposClient:
             return _int_field(body, "uuid", "POST /register")
 
         uuid = await self._with_retries("POST /register", attempt)
-        if self.uuid is not None:
-            self.reregistrations += 1
         self.uuid = uuid
         return uuid
 
@@ -390,8 +382,6 @@ class AtroposClient:
                 raise AtroposAPIError(
                     self.api_url, f"trainer still not registered after registering again: {again.reason}"
                 ) from again
-        if batch is not None:
-            self.batches_received += 1
         return batch
 
     async def next_batch(
@@ -462,4 +452,3 @@ class AtroposClient:
     async def reset(self) -> None:
         """GET /reset_data: drops the queue, registrations, environments and step counter."""
         await self._with_retries("GET /reset_data", functools.partial(self._request, "GET", "/reset_data"))
-        self.resets += 1
