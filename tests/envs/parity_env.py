@@ -17,6 +17,8 @@ from __future__ import annotations
 from atroposlib.envs.base import APIServerConfig, BaseEnv, BaseEnvConfig, ScoredDataGroup
 from pydantic import Field
 
+from atropos_verl.envs.sampling import supervised_env_defaults
+
 PROMPT = [{"role": "user", "content": "Write a few words."}]
 
 
@@ -38,14 +40,12 @@ class ParityEnv(BaseEnv):
     @classmethod
     def config_init(cls):
         config = ParityEnvConfig(
+            **supervised_env_defaults(cls.name),
             group_size=4,
-            use_wandb=False,
             max_num_workers=2,
             max_batches_offpolicy=2,
-            total_steps=1000,
             steps_per_eval=0,
             ensure_scores_are_not_same=False,
-            wandb_name=cls.name,
         )
         server = APIServerConfig(
             base_url="http://127.0.0.1:9000/v1", model_name="policy", server_type="vllm", api_key="unused"

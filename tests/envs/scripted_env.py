@@ -29,6 +29,8 @@ from typing import Optional
 from atroposlib.envs.base import APIServerConfig, BaseEnv, BaseEnvConfig, ScoredDataGroup
 from pydantic import Field
 
+from atropos_verl.envs.sampling import supervised_env_defaults
+
 IGNORED = -100
 SCORES = [1.0, 0.0, 1.0, 0.0]
 ENV_ADVANTAGES = [5.0, -1.0, 0.5, -0.5]
@@ -99,14 +101,12 @@ class ScriptedMultiTurnEnv(BaseEnv):
     @classmethod
     def config_init(cls):
         config = ScriptedEnvConfig(
+            **supervised_env_defaults(cls.name),
             group_size=len(SCORES),
-            use_wandb=False,
             max_num_workers=1,
             max_batches_offpolicy=4,
-            total_steps=1000,
             steps_per_eval=0,
             ensure_scores_are_not_same=True,
-            wandb_name=cls.name,
         )
         # Never contacted: collect_trajectories scripts the completions.
         return config, [APIServerConfig(base_url="http://127.0.0.1:9/v1", model_name="scripted", api_key="x")]

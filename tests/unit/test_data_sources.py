@@ -22,8 +22,8 @@ from hydra import compose, initialize_config_dir
 
 from atropos_verl.config import ConfigError, load_config
 from atropos_verl.data import prepare as prepare_cli
+from atropos_verl.data.scoring import Score, Scorer, interpret
 from atropos_verl.data.sources import (
-    BadRow,
     Fields,
     SourceError,
     UnreadableRow,
@@ -33,7 +33,8 @@ from atropos_verl.data.sources import (
     render_prompt,
     select,
 )
-from atropos_verl.envs.dataset import DatasetEnv, DatasetEnvConfig, Sample, Score, Scorer, interpret
+from atropos_verl.data.tasks import BadRow
+from atropos_verl.envs.dataset import DatasetEnv, DatasetEnvConfig, Sample
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
 

@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from atropos_verl.data.sources import TASKS, BadRow, Example, Fields, SourceError, load_rows, normalize, select
+from atropos_verl.data.sources import Example, Fields, SourceError, load_rows, normalize, select
+from atropos_verl.data.tasks import TASKS, BadRow
 
 
 def prepare(

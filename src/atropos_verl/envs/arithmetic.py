@@ -33,6 +33,7 @@ from atropos_verl.envs.sampling import (
     sample_chat_text,
     sample_managed,
     scored_group,
+    supervised_env_defaults,
 )
 
 OPERATIONS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
@@ -100,15 +101,13 @@ class ArithmeticEnv(BaseEnv):
     @classmethod
     def config_init(cls):
         config = ArithmeticEnvConfig(
+            **supervised_env_defaults(cls.name),
             group_size=8,
-            use_wandb=False,
             max_num_workers=8,
             max_batches_offpolicy=1,
-            total_steps=1000,
             steps_per_eval=0,
             max_token_length=512,
             ensure_scores_are_not_same=False,
-            wandb_name=cls.name,
         )
         return config, placeholder_server()
 

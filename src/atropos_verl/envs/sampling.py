@@ -9,7 +9,7 @@ only, so the chat is tokenized here. (atroposlib's ``tokenize_for_trainer`` retu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from atroposlib.envs.base import APIServerConfig, BaseEnv, ScoredDataGroup
 
@@ -24,6 +24,15 @@ class Sample:
     logprobs: Optional[list[float]]
     text: str
     finish_reason: Optional[str]
+
+
+def supervised_env_defaults(name: str) -> dict[str, Any]:
+    """``BaseEnvConfig`` values every environment the trainer starts shares; ``config_init`` adds its own.
+
+    The trainer stops its environments; one that stopped itself would be restarted
+    (atroposlib's own stop counts batches formed, which run ahead of steps trained).
+    """
+    return {"use_wandb": False, "total_steps": 1_000_000_000, "wandb_name": name}
 
 
 def placeholder_server() -> list[APIServerConfig]:
