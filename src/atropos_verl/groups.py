@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -34,10 +35,26 @@ class GroupRejected(ValueError):
         self.reason = reason
 
 
-class _RawGroup(BaseModel):
-    """Field types of a scored group; cross-field rules live in :func:`parse_group`."""
+# Bounds that keep every value finite through advantages and float32 packing: a score of
+# 1e308 makes the group's mean overflow, a temperature of 1e-50 is 0.0 in float32.
+MAX_ABS_SCORE = 1e6
+MAX_ABS_ADVANTAGE = 1e6
+MIN_LOGPROB = -1e4
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1e3
+# What the trainer reads from ``overrides[i]``; any other key is ignored (logged once).
+OVERRIDE_KEYS = ("set_advantage_to_zero", "sft", "temperature")
+# Fields atroposlib forwards that this trainer does not use yet (logged once when sent).
+UNUSED_FIELDS = ("ref_logprobs", "distill_token_ids", "distill_logprobs", "images")
+_reported_unused: set[str] = set()
 
-    model_config = ConfigDict(extra="allow", strict=False)
+
+class _RawGroup(BaseModel):
+    """Field types of a scored group; cross-field rules live in :func:`parse_group`.
+
+    Strict: "5" is not a token id and "false" is not a boolean (``bool("false")`` is true).
+    """
+
+    model_config = ConfigDict(extra="allow", strict=True)
 
     tokens: list[list[int]]
     masks: list[list[int]]
@@ -92,7 +109,15 @@ def _present(values: Optional[list]) -> bool:
     return bool(values)
 
 
-def _check_aligned(name: str, values: list[list[float]], tokens: list[list[int]], group_id: str) -> None:
+def _check_aligned(
+    name: str,
+    values: list[list[float]],
+    tokens: list[list[int]],
+    group_id: str,
+    bounds: Callable[[bool], tuple[float, float]],
+    masks: list[list[int]],
+) -> None:
+    """Rows aligned with ``tokens``; each value finite and within ``bounds(trained)`` for its position."""
     if len(values) != len(tokens):
         raise GroupRejected(group_id, name, f"{len(values)} sequences but tokens has {len(tokens)}")
     for i, (row, toks) in enumerate(zip(values, tokens)):
@@ -101,6 +126,9 @@ def _check_aligned(name: str, values: list[list[float]], tokens: list[list[int]]
         for t, value in enumerate(row):
             if not math.isfinite(value):
                 raise GroupRejected(group_id, f"{name}[{i}][{t}]", f"not finite ({value})")
+            low, high = bounds(masks[i][t] != IGNORED)
+            if not low <= value <= high:
+                raise GroupRejected(group_id, f"{name}[{i}][{t}]", f"{value} outside [{low:g}, {high:g}]")
 
 
 def _temperature(raw: _RawGroup, override: dict[str, Any], i: int, group_id: str) -> float:
@@ -111,13 +139,34 @@ def _temperature(raw: _RawGroup, override: dict[str, Any], i: int, group_id: str
         field = "generation_params.temperature"
     if value is None:
         return 1.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise GroupRejected(group_id, field, f"not a number: {value!r}"[:200])
     try:
         temperature = float(value)
-    except (TypeError, ValueError):
-        raise GroupRejected(group_id, field, f"not a number: {value!r}") from None
+    except OverflowError:
+        raise GroupRejected(group_id, field, f"a {len(str(value))}-digit number is out of range") from None
     if not math.isfinite(temperature) or temperature <= 0:
         raise GroupRejected(group_id, field, f"must be a finite number > 0, got {value!r}")
+    if not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
+        raise GroupRejected(group_id, field, f"{temperature:g} outside [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]")
     return temperature
+
+
+def _flag(override: dict[str, Any], key: str, i: int, group_id: str) -> bool:
+    value = override.get(key, False)
+    if not isinstance(value, bool):
+        raise GroupRejected(group_id, f"overrides[{i}].{key}", f"must be true or false, got {value!r}"[:200])
+    return value
+
+
+def _note_ignored(raw: dict[str, Any], overrides: list[dict[str, Any]]) -> None:
+    """Log, once per field name and process, what an environment sends that the trainer ignores."""
+    sent = [name for name in UNUSED_FIELDS if raw.get(name)]
+    sent += [f"overrides.{key}" for override in overrides for key in override if key not in OVERRIDE_KEYS]
+    for name in sent:
+        if name not in _reported_unused:
+            _reported_unused.add(name)
+            logger.info("environments send %s, which this trainer does not use; it is ignored", name)
 
 
 def parse_group(raw: Any, group_id: str, limits: GroupLimits) -> ScoredGroup:
@@ -162,18 +211,22 @@ def parse_group(raw: Any, group_id: str, limits: GroupLimits) -> ScoredGroup:
     for i, score in enumerate(scores):
         if not math.isfinite(score):
             raise GroupRejected(group_id, f"scores[{i}]", f"not finite ({score})")
+        if abs(score) > MAX_ABS_SCORE:
+            raise GroupRejected(group_id, f"scores[{i}]", f"{score:g} outside [-{MAX_ABS_SCORE:g}, {MAX_ABS_SCORE:g}]")
 
     advantages = group.advantages if _present(group.advantages) else None
     if advantages is not None:
-        _check_aligned("advantages", advantages, tokens, group_id)
+        _check_aligned("advantages", advantages, tokens, group_id, lambda _: _ADVANTAGE_BOUNDS, masks)
     inference_logprobs = group.inference_logprobs if _present(group.inference_logprobs) else None
     if inference_logprobs is not None:
-        _check_aligned("inference_logprobs", inference_logprobs, tokens, group_id)
+        # Sampled tokens have log-probs <= 0; masked places carry a placeholder (atroposlib: 1.0).
+        _check_aligned("inference_logprobs", inference_logprobs, tokens, group_id, _logprob_bounds, masks)
 
     overrides = group.overrides if _present(group.overrides) else None
     if overrides is not None and len(overrides) != len(tokens):
         raise GroupRejected(group_id, "overrides", f"{len(overrides)} entries for {len(tokens)} sequences")
     per_sequence = [(overrides[i] or {}) if overrides else {} for i in range(len(tokens))]
+    _note_ignored(raw, per_sequence)
 
     return ScoredGroup(
         group_id=group_id,
@@ -184,8 +237,8 @@ def parse_group(raw: Any, group_id: str, limits: GroupLimits) -> ScoredGroup:
         advantages=advantages,
         inference_logprobs=inference_logprobs,
         temperatures=[_temperature(group, o, i, group_id) for i, o in enumerate(per_sequence)],
-        zero_advantage=[bool(o.get("set_advantage_to_zero", False)) for o in per_sequence],
-        sft=[bool(o.get("sft", False)) for o in per_sequence],
+        zero_advantage=[_flag(o, "set_advantage_to_zero", i, group_id) for i, o in enumerate(per_sequence)],
+        sft=[_flag(o, "sft", i, group_id) for i, o in enumerate(per_sequence)],
         env_metrics=_env_metrics(group.group_overrides),
     )
 
@@ -195,17 +248,32 @@ def _env_metrics(group_overrides: Optional[dict[str, Any]]) -> dict[str, float]:
     reported = (group_overrides or {}).get("metrics")
     if not isinstance(reported, dict):
         return {}
-    return {
-        str(key): float(value)
-        for key, value in reported.items()
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    }
+    metrics = {}
+    for key, value in reported.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        try:
+            number = float(value)
+        except OverflowError:
+            continue
+        if math.isfinite(number):
+            metrics[str(key)] = number
+    return metrics
+
+
+_ADVANTAGE_BOUNDS = (-MAX_ABS_ADVANTAGE, MAX_ABS_ADVANTAGE)
+
+
+def _logprob_bounds(trained: bool) -> tuple[float, float]:
+    return (MIN_LOGPROB, 0.0) if trained else (MIN_LOGPROB, 1.0)
 
 
 def describe(raw: Any, index: int, step: int) -> str:
     """A stable id for log lines: env, trainer step and position in the batch."""
     env = raw.get("env_id") if isinstance(raw, dict) else None
-    return f"env={env if env is not None else '?'}/step={step}/group={index}"
+    # Only an id is shown: whatever else an env put there could be huge.
+    shown = env if isinstance(env, int) and not isinstance(env, bool) and abs(env) < 10**9 else "?"
+    return f"env={shown}/step={step}/group={index}"
 
 
 @dataclass
@@ -223,5 +291,9 @@ def validate_batch(raw_groups: list[Any], step: int, limits: GroupLimits) -> Val
             groups.append(parse_group(raw, group_id, limits))
         except GroupRejected as rejection:
             logger.warning("rejected %s", rejection)
+            rejected.append(rejection)
+        except Exception as exc:  # noqa: BLE001 - no input may stop the run: a bug here is a named rejection too
+            rejection = GroupRejected(group_id, "group", f"could not be read ({type(exc).__name__}: {exc})"[:300])
+            logger.exception("rejected %s", rejection)
             rejected.append(rejection)
     return ValidatedBatch(groups, rejected)

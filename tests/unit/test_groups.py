@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from atropos_verl.groups import GroupLimits, GroupRejected, describe, parse_group
+from atropos_verl.groups import GroupLimits, GroupRejected, describe, parse_group, validate_batch
 
 LIMITS = GroupLimits(vocab_size=100, max_token_len=16)
 
@@ -86,6 +86,68 @@ def test_rejects_bad_fields_with_field_and_reason(mutate, field, reason):
     assert error.field == field
     assert reason in error.reason
     assert str(error).startswith("group g: ")
+
+
+@pytest.mark.parametrize(
+    "mutate, field, reason",
+    [
+        (lambda g: g.update(scores=[10**400, 0.0]), "scores.0", "valid number"),
+        (lambda g: g.update(scores=[1e308, -1e308]), "scores[0]", "outside [-1e+06, 1e+06]"),
+        (lambda g: g.update(tokens=[["1", 2, 3, 4, 5], [1, 2, 6, 7]]), "tokens.0.0", "valid integer"),
+        (lambda g: g.update(overrides=[{"sft": "false"}, {}]), "overrides[0].sft", "true or false, got 'false'"),
+        (
+            lambda g: g.update(overrides=[{}, {"set_advantage_to_zero": 1}]),
+            "overrides[1].set_advantage_to_zero",
+            "true",
+        ),
+        (lambda g: g.update(overrides=[{"temperature": 10**401}, {}]), "overrides[0].temperature", "402-digit"),
+        (lambda g: g.update(generation_params={"temperature": 1e-50}), "generation_params.temperature", "outside"),
+        (lambda g: g.update(generation_params={"temperature": True}), "generation_params.temperature", "not a number"),
+        (
+            lambda g: g.update(inference_logprobs=[[1.0, 1.0, 0.5, 1.0, -1.0], [1.0] + [-1.0] * 3]),
+            "inference_logprobs[0][2]",
+            "0.5 outside [-10000, 0]",
+        ),
+        (
+            lambda g: g.update(inference_logprobs=[[1.0, 1.0, -1e39, 1.0, -1.0], [1.0] + [-1.0] * 3]),
+            "inference_logprobs[0][2]",
+            "outside",
+        ),
+        (lambda g: g.update(advantages=[[1e7] * 5, [0.0] * 4]), "advantages[0][0]", "outside [-1e+06, 1e+06]"),
+    ],
+)
+def test_values_that_would_crash_or_poison_a_batch_are_rejected(mutate, field, reason):
+    raw = copy.deepcopy(good_group())
+    mutate(raw)
+    error = rejected(raw)
+    assert error.field == field
+    assert reason in error.reason
+
+
+def test_masked_positions_may_carry_the_logprob_placeholder():
+    raw = good_group()
+    raw["inference_logprobs"] = [[1.0, 1.0, -0.5, 1.0, -0.2], [1.0, -0.1, -0.3, -0.4]]
+    assert parse_group(raw, "g", LIMITS).inference_logprobs is not None
+
+
+def test_validate_batch_turns_any_failure_into_a_named_rejection(monkeypatch):
+    # A bug in a check of ours stands in for any input nobody foresaw.
+    from atropos_verl import groups
+
+    real = groups._temperature
+
+    def buggy(raw, override, i, group_id):
+        if override.get("temperature") == 0.25:
+            raise RuntimeError("boom")
+        return real(raw, override, i, group_id)
+
+    monkeypatch.setattr(groups, "_temperature", buggy)
+    odd = good_group()
+    odd["overrides"] = [{"temperature": 0.25}, {}]
+    validated = validate_batch([odd, good_group()], 7, LIMITS)
+    assert len(validated.groups) == 1
+    (rejection,) = validated.rejected
+    assert rejection.field == "group" and "RuntimeError: boom" in rejection.reason
 
 
 def test_rejects_non_objects():
