@@ -40,6 +40,7 @@ from aiohttp import web
 from atropos_verl.netutil import http_url
 from atropos_verl.serving.generate_formats import (
     HttpError,
+    check_sampling,
     sglang_request,
     sglang_response,
     vllm_request,
@@ -101,6 +102,8 @@ class Gateway:
         max_wait_s: float = 120.0,
         request_timeout_s: float = 600.0,
         extra_ports: list[int] | None = None,
+        max_model_len: int | None = None,
+        idle_timeout_s: float = 30.0,
     ) -> None:
         self._model_name = model_name
         self._host = host
@@ -111,6 +114,10 @@ class Gateway:
         self._api_key = api_key or None
         self._max_wait_s = max_wait_s
         self._request_timeout_s = request_timeout_s
+        # Requests for more tokens than replicas hold are refused here, not deep in a backend.
+        self._max_model_len = max_model_len
+        # A connection that sends no request, or a body that does not arrive, within this is dropped.
+        self._idle_timeout_s = idle_timeout_s
         self._backends: list[_Backend] = []
         self._rr = 0
         self._policy_version = 0
@@ -165,7 +172,9 @@ class Gateway:
             timeout=aiohttp.ClientTimeout(total=self._request_timeout_s, sock_connect=_CONNECT_TIMEOUT_S),
         )
         # access_log=None: one INFO line per rollout request would drown the trainer's log.
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=_SHUTDOWN_GRACE_S)
+        runner = web.AppRunner(
+            app, access_log=None, shutdown_timeout=_SHUTDOWN_GRACE_S, keepalive_timeout=self._idle_timeout_s
+        )
         await runner.setup()
         try:
             await web.TCPSite(runner, self._host, self._requested_port or 0).start()
@@ -315,7 +324,8 @@ class Gateway:
     @web.middleware
     async def _auth(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
         if self._api_key is not None and request.path != "/health":
-            supplied = request.headers.get("Authorization", "").encode()
+            # aiohttp keeps undecodable header bytes as surrogates; they must compare, not crash.
+            supplied = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
             if not hmac.compare_digest(supplied, f"Bearer {self._api_key}".encode()):
                 response = _error_response(401, "unauthorized", "missing or wrong bearer token")
                 response.headers["WWW-Authenticate"] = "Bearer"
@@ -350,7 +360,8 @@ class Gateway:
         )
 
     async def _openai(self, request: web.Request) -> web.StreamResponse:
-        body = await _json_object(request)
+        body = await _json_object(request, self._idle_timeout_s)
+        check_sampling(body, self._max_model_len)
         # The gateway fronts exactly one model, the policy; envs often name it by its hub id
         # while replicas serve it under another name.
         body["model"] = self._model_name
@@ -365,9 +376,10 @@ class Gateway:
         return _reply_response(reply, version)
 
     async def _generate(self, request: web.Request) -> web.Response:
-        body = await _json_object(request)
+        body = await _json_object(request, self._idle_timeout_s)
         if "prompt" in body:
             native = vllm_request(body, self._model_name)
+            check_sampling(native.completion, self._max_model_len)
             async with self._admitted() as version:
                 reply = await self._dispatch("/v1/completions", native.completion, _read_reply)
             if reply.status != 200:
@@ -375,6 +387,8 @@ class Gateway:
             result: Any = vllm_response(_completion_json(reply), native, version, reply.backend_url)
         elif "input_ids" in body or "text" in body:
             native_sglang = sglang_request(body, self._model_name)
+            # A greedy n is served as copies of one sample: sglang_request bounded n already.
+            check_sampling(native_sglang.completion, self._max_model_len)
             async with self._admitted() as version:
                 reply = await self._dispatch("/v1/completions", native_sglang.completion, _read_reply)
             if reply.status != 200:
@@ -415,11 +429,20 @@ def _reply_response(reply: _Reply, version: int) -> web.Response:
     )
 
 
-async def _json_object(request: web.Request) -> dict[str, Any]:
+async def _json_object(request: web.Request, read_timeout_s: float) -> dict[str, Any]:
+    """The request's JSON object; anything else (or a body that does not arrive in time) is a 400."""
     try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise HttpError(400, "invalid_request", f"the request body is not JSON: {exc}") from None
+        raw = await asyncio.wait_for(request.read(), read_timeout_s)
+    except asyncio.TimeoutError:
+        raise HttpError(
+            408, "request_timeout", f"the request body did not arrive within {read_timeout_s:g} s"
+        ) from None
+    try:
+        body = json.loads(raw.decode(request.charset or "utf-8"))
+    except (ValueError, LookupError, RecursionError) as exc:
+        # ValueError covers bad JSON and bad UTF-8, LookupError an unknown charset,
+        # RecursionError JSON nested deeper than Python parses.
+        raise HttpError(400, "invalid_request", f"the request body is not JSON: {type(exc).__name__}") from None
     if not isinstance(body, dict):
         raise HttpError(400, "invalid_request", "the request body must be a JSON object")
     return body

@@ -9,6 +9,7 @@ parses. A request the gateway cannot serve faithfully is refused with
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,6 +108,41 @@ class SglangRequest:
 # --- /generate translation ---------------------------------------------------------------
 
 
+# Samples one request may ask for: a group is one request, and no environment needs more;
+# n=400000 would build an 85 MB reply while the trainer's event loop waits.
+MAX_SAMPLES = 256
+_LENGTH_FIELDS = ("max_tokens", "max_completion_tokens", "min_tokens")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_sampling(completion: dict[str, Any], max_model_len: int | None) -> None:
+    """Refuse (400) sampling values no replica should be asked for, before any backend sees them."""
+
+    def refuse(message: str) -> None:
+        raise HttpError(400, "invalid_request", message)
+
+    n = completion.get("n", 1)
+    if n is not None and not (isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_SAMPLES):
+        refuse(f"n must be an integer in [1, {MAX_SAMPLES}], got {n!r}"[:200])
+    for name in _LENGTH_FIELDS:
+        value = completion.get(name)
+        if value is None:
+            continue
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            refuse(f"{name} must be a non-negative integer, got {value!r}"[:200])
+        if max_model_len is not None and value > max_model_len:
+            refuse(f"{name} {value} exceeds the served context of {max_model_len} tokens")
+    temperature = completion.get("temperature")
+    if temperature is not None and not (_number(temperature) and temperature >= 0):
+        refuse(f"temperature must be a finite number >= 0, got {temperature!r}"[:200])
+    top_p = completion.get("top_p")
+    if top_p is not None and not (_number(top_p) and 0 < top_p <= 1):
+        refuse(f"top_p must be in (0, 1], got {top_p!r}"[:200])
+
+
 def _token_ids(value: Any, field: str) -> list[int]:
     is_ids = isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
     if not is_ids or not value:
@@ -171,7 +207,12 @@ def sglang_request(body: dict[str, Any], model: str) -> SglangRequest:
     # SGLang answers a greedy request with n > 1 with n identical samples; vLLM refuses it.
     copies = 1
     n, temperature = params.get("n", 1), params.get("temperature", 1.0)
-    if isinstance(n, int) and n > 1 and isinstance(temperature, (int, float)) and temperature < _SGLANG_GREEDY_EPS:
+    if (
+        isinstance(n, int)
+        and 1 < n <= MAX_SAMPLES
+        and isinstance(temperature, (int, float))
+        and temperature < _SGLANG_GREEDY_EPS
+    ):
         copies, params["n"] = n, 1
     completion = {
         **_SGLANG_NATIVE_DEFAULTS,

@@ -113,6 +113,7 @@ class InferenceService:
             api_key=api_key,
             max_wait_s=engine.max_wait,
             extra_ports=list(engine.gateway_extra_ports),
+            max_model_len=engine.max_model_len,
         )
         self.weight_sync: Optional[WeightSync] = None
         # Syncs and restarts both reconfigure replicas; one at a time.
