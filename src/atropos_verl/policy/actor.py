@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
+import shutil
 import socket
+import tempfile
+from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 import ray
 import torch
@@ -38,15 +43,49 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
-def ensure_ray(cfg: RunConfig, device: str) -> bool:
-    """Join ``trainer.ray_address`` or start a private local Ray instance; True if this call started Ray.
+def _require_ray_token() -> Path:
+    """Turn on Ray's token authentication for the local instance this process is about to start.
 
-    Ray 2.60 advertises the host's own address and binds its gRPC ports on all
-    interfaces whatever ``_node_ip_address`` says; those ports require Ray's
-    cluster token (on by default), and our own listeners stay on loopback.
+    Ray 2.60 binds its gRPC ports (GCS, raylets, workers) on every interface whatever
+    ``_node_ip_address`` says, so the token is what keeps other hosts (and users) out.
+    The token sits in a 0600 file named by ``RAY_AUTH_TOKEN_PATH`` (never in argv);
+    Ray's own processes inherit the variables. Ray reads its mode once at import, so
+    its config is reloaded here, as ``ray`` itself does when it enables tokens.
+    """
+    from ray._raylet import Config
+
+    folder = Path(tempfile.mkdtemp(prefix="atropos-verl-ray-"))
+    token = folder / "auth_token"
+    descriptor = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(secrets.token_hex(32))
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
+    Config.initialize("")
+    return folder
+
+
+@dataclass
+class LocalRay:
+    """A Ray instance this process started, and the folder of its token (None: the user's own settings)."""
+
+    token_folder: Optional[Path]
+
+    def stop(self) -> None:
+        ray.shutdown()
+        if self.token_folder is not None:
+            shutil.rmtree(self.token_folder, ignore_errors=True)
+
+
+def ensure_ray(cfg: RunConfig, device: str) -> Optional[LocalRay]:
+    """Join ``trainer.ray_address``, or start a private local Ray instance with token authentication.
+
+    Returns the local instance when this call started one (None when it joined a
+    cluster or Ray was already up). A cluster's own ``RAY_AUTH_*`` settings are the
+    user's; so is an explicit ``RAY_AUTH_MODE`` for a local instance.
     """
     if ray.is_initialized():
-        return False
+        return None
     env_vars = {}
     if device == "cpu":
         # Workers unpickle PolicyWorker (importing this module) before verl picks a
@@ -54,10 +93,11 @@ def ensure_ray(cfg: RunConfig, device: str) -> bool:
         env_vars = {"VERL_PLATFORM": "cpu", "VERL_USE_EXTERNAL_MODULES": "atropos_verl.policy.platform_cpu"}
     if cfg.trainer.ray_address:
         ray.init(address=cfg.trainer.ray_address, runtime_env={"env_vars": env_vars})
-    else:
-        num_cpus = cfg.trainer.ray_num_cpus or max(os.cpu_count() or 1, cfg.trainer.world_size)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env_vars})
-    return True
+        return None
+    token_folder = None if "RAY_AUTH_MODE" in os.environ else _require_ray_token()
+    num_cpus = cfg.trainer.ray_num_cpus or max(os.cpu_count() or 1, cfg.trainer.world_size)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env_vars})
+    return LocalRay(token_folder)
 
 
 def _mean(value: Any) -> float:
@@ -81,7 +121,8 @@ class Actor:
         self.device = resolve_device(cfg.trainer.device)
         if self.device == "cpu":
             os.environ["VERL_PLATFORM"] = "cpu"
-        self._owns_ray = ensure_ray(cfg, self.device)
+        # Set when this Actor started Ray: stopped, and its token folder removed, at shutdown.
+        self._own_ray = ensure_ray(cfg, self.device)
         worker_config = training_worker_config(cfg, model_path, self.device)
         self._pool = pool = RayResourcePool(
             process_on_nodes=[cfg.trainer.n_gpus_per_node] * cfg.trainer.nnodes,
@@ -168,5 +209,5 @@ class Actor:
             ray.kill(worker)
         for placement_group in self._pool.pgs or []:
             ray.util.remove_placement_group(placement_group)
-        if self._owns_ray:
-            ray.shutdown()
+        if self._own_ray is not None:
+            self._own_ray.stop()

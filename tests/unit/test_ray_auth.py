@@ -1,0 +1,52 @@
+"""The local Ray instance the trainer starts requires its token: a process without it is refused."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+STARTER = textwrap.dedent(
+    """
+    import json, os, stat, subprocess, sys
+    from atropos_verl.config import RunConfig
+    from atropos_verl.policy.actor import ensure_ray
+    import ray
+    from ray._raylet import AuthenticationMode, get_authentication_mode
+
+    cfg = RunConfig()
+    cfg.trainer.ray_num_cpus = 1
+    local = ensure_ray(cfg, "cpu")
+    token = os.environ["RAY_AUTH_TOKEN_PATH"]
+    address = ray.get_runtime_context().gcs_address
+    stranger_env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    stranger = subprocess.run(
+        [sys.executable, "-c", f"import ray; ray.init(address={address!r})"],
+        env=stranger_env, capture_output=True, text=True, timeout=90,
+    )
+    mode = get_authentication_mode()
+    local.stop()
+    print(json.dumps({
+        "token_mode": mode == AuthenticationMode.TOKEN,
+        "file_mode": oct(stat.S_IMODE(os.stat(token).st_mode)) if os.path.exists(token) else "removed",
+        "address": address,
+        "stranger_code": stranger.returncode,
+        "stranger_refused": "Authentication" in stranger.stderr or "InvalidAuthToken" in stranger.stderr,
+        "token_folder_left": os.path.exists(os.path.dirname(token)),
+    }))
+    """
+)
+
+
+@pytest.mark.timeout(240)
+def test_local_ray_requires_a_token():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    done = subprocess.run([sys.executable, "-c", STARTER], env=env, capture_output=True, text=True, timeout=200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["token_mode"]
+    assert result["stranger_code"] != 0 and result["stranger_refused"], result
+    # The token file (0600) goes with the instance.
+    assert result["file_mode"] == "removed" and not result["token_folder_left"]
