@@ -452,6 +452,14 @@ class RunConfig:
             "trainer.batch_size",
             f"must be >= data-parallel size x actor.num_mini_batches = {dp * self.actor.num_mini_batches}",
         )
+        # With dynamic batch size, verl packs micro-batches of at most max_token_len_per_gpu
+        # tokens: a valid sequence longer than that would crash inside verl (and be replayed).
+        _require(
+            not self.actor.use_dynamic_bsz or self.trainer.max_token_len <= self.actor.max_token_len_per_gpu,
+            "actor.max_token_len_per_gpu",
+            f"must be >= trainer.max_token_len ({self.trainer.max_token_len}) with actor.use_dynamic_bsz, "
+            f"got {self.actor.max_token_len_per_gpu}",
+        )
         data = self.data
         if data.max_prompt_length and data.max_response_length:
             # atroposlib drops a group holding a sequence of max_token_len tokens or more.

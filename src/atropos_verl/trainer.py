@@ -31,7 +31,7 @@ from atropos_verl.atropos.batches import BatchSource
 from atropos_verl.atropos.client import AtroposClient, TrainerRegistration
 from atropos_verl.atropos.environments import EnvSupervisor, ensure_api
 from atropos_verl.batch import build_batch
-from atropos_verl.checkpoint import CheckpointDir, Progress
+from atropos_verl.checkpoint import CheckpointDir, Progress, run_dir_lock
 from atropos_verl.config import RunConfig
 from atropos_verl.groups import GroupLimits, validate_batch
 from atropos_verl.metrics import MetricsLogger, reward_metrics
@@ -71,6 +71,7 @@ class Trainer:
         resume_step = self._resume_point()
         _cancel_on_signals()
         async with contextlib.AsyncExitStack() as stack:
+            stack.enter_context(run_dir_lock(self.run_dir))
             metrics_logger = stack.enter_context(contextlib.closing(self._metrics_logger()))
             spool = stack.enter_context(contextlib.closing(self._spool()))
             replay = spool.start_attempt(resume_step or 0)

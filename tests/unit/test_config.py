@@ -94,3 +94,11 @@ def test_fused_optimizer_is_on_for_cuda_without_parameter_offload_unless_set():
     assert not uses_fused_optimizer(load_config(composed("actor.param_offload=true")), "cuda")
     assert not uses_fused_optimizer(load_config(composed("actor.fused_optimizer=false")), "cuda")
     assert uses_fused_optimizer(load_config(composed("actor.fused_optimizer=true")), "cpu")
+
+
+def test_sequences_longer_than_a_dynamic_micro_batch_are_refused_at_start_up():
+    with pytest.raises(ConfigError, match="actor.max_token_len_per_gpu: must be >= trainer.max_token_len"):
+        load_config(composed("trainer.max_token_len=4096", "actor.max_token_len_per_gpu=2048"))
+    load_config(
+        composed("trainer.max_token_len=4096", "actor.max_token_len_per_gpu=2048", "actor.use_dynamic_bsz=false")
+    )
