@@ -2,11 +2,13 @@
 
 * :func:`ensure_api` starts ``run-api`` at ``atropos.api_url`` when nothing answers
   there (or always / never, per ``atropos.start_api``).
-* :class:`EnvSupervisor` runs each configured environment as ``serve`` with the
-  API URL, tokenizer and gateway injected, so unmodified Atropos environments
-  work; an environment that exits is logged with its last lines and restarted
-  with backoff, up to ``data.max_restarts`` times in a row, after which the run
-  stops with a clear error.
+* :class:`EnvSupervisor` runs each configured environment as ``serve`` through
+  :mod:`atropos_verl.atropos.run_env` (atroposlib fixes applied) with the API URL,
+  tokenizer, gateway and the run's facts (:class:`EnvLaunch`) injected, so
+  unmodified Atropos environments work. A usage error (bad flag, missing file,
+  failed import) fails the run at once; any other exit is logged with its last
+  lines and restarted with backoff, up to ``data.max_restarts`` times in a row,
+  after which the run stops with a clear error.
 
 Processes are started in their own sessions and stopped by PID (their process
 group), never by name.
@@ -15,7 +17,10 @@ group), never by name.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
+import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -24,7 +29,8 @@ from typing import Optional
 from urllib.parse import urlsplit
 
 from atropos_verl.atropos.api_server import ApiServerProcess, api_answers
-from atropos_verl.config import AtroposConfig, DataConfig, EnvSpec
+from atropos_verl.atropos.run_env import API_KEY_ENV
+from atropos_verl.config import AtroposConfig, DataConfig, EnvSpec, TrainerConfig
 from atropos_verl.netutil import log_tail
 from atropos_verl.procs import ChildProcess
 
@@ -33,6 +39,15 @@ logger = logging.getLogger(__name__)
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 # An environment that ran this long without exiting has its restart count reset.
 HEALTHY_UPTIME_S = 120.0
+# An exit this soon after start is a start-up failure: importing torch, transformers and
+# atroposlib before argument parsing takes tens of seconds on a busy CPU.
+STARTUP_WINDOW_S = 90.0
+# Start-up failures no restart can fix: argparse's usage message (exit status 2), a
+# missing entry file, a failed import.
+_USAGE_ERROR = re.compile(
+    r"^usage: |can't open file|No module named|^(ModuleNotFoundError|ImportError|FileNotFoundError): ",
+    re.MULTILINE,
+)
 _STOP_TIMEOUT_S = 15.0
 
 
@@ -64,15 +79,51 @@ async def ensure_api(cfg: AtroposConfig, log_dir: Path) -> Optional[ApiServerPro
     return server
 
 
-def env_command(
-    spec: EnvSpec, api_url: str, model_path: str, gateway: Optional[tuple[str, str]], api_key: Optional[str]
-) -> list[str]:
-    """``serve`` with what the trainer knows injected first; the spec's own args come last and win.
+@dataclass(frozen=True)
+class EnvLaunch:
+    """Facts of the run every environment is told, as ``--env.*`` flags (a spec's own args still win).
 
-    ``gateway`` is (URL, served model name) when the trainer runs the engines.
+    Group size is not among them: it is each environment's own choice (``data.group_size``
+    sets it for all when given), and the API packs groups into ``trainer.batch_size``.
+    """
+
+    max_token_length: Optional[int] = None
+    total_steps: Optional[int] = None
+    # Stock environments default to use_wandb=True and exit without a wandb login. With wandb
+    # on, they read the project and group from the API, where the trainer registered
+    # atropos.wandb_project / wandb_group.
+    use_wandb: bool = False
+
+    @classmethod
+    def for_run(cls, trainer: TrainerConfig) -> EnvLaunch:
+        return cls(trainer.max_token_len, trainer.total_training_steps, "wandb" in trainer.logger)
+
+
+def env_command(
+    spec: EnvSpec,
+    api_url: str,
+    model_path: str,
+    gateway: Optional[tuple[str, str]],
+    launch: EnvLaunch = EnvLaunch(),
+    group_size: Optional[int] = None,
+) -> list[str]:
+    """``serve`` through the compat runner with what the trainer knows injected first; the spec's args win.
+
+    ``gateway`` is (URL, served model name) when the trainer runs the engines; its API key
+    goes in the environment (see :func:`env_environ`), never in the command.
     """
     entry = ["-m", spec.module] if spec.module else [spec.script]
-    cmd = [sys.executable, *entry, "serve", "--env.rollout_server_url", api_url, "--env.tokenizer_name", model_path]
+    cmd = [sys.executable, "-m", "atropos_verl.atropos.run_env", *entry, "serve"]
+    cmd += ["--env.rollout_server_url", api_url, "--env.tokenizer_name", model_path]
+    cmd += ["--env.use_wandb", "true" if launch.use_wandb else "false"]
+    if launch.use_wandb:
+        cmd += ["--env.wandb_name", spec.name]
+    if launch.max_token_length is not None:
+        cmd += ["--env.max_token_length", str(launch.max_token_length)]
+    if launch.total_steps is not None:
+        cmd += ["--env.total_steps", str(launch.total_steps)]
+    if group_size is not None:
+        cmd += ["--env.group_size", str(group_size)]
     if gateway is not None:
         url, model_name = gateway
         cmd += [
@@ -80,10 +131,47 @@ def env_command(
             "--openai.model_name", model_name,
             "--openai.tokenizer_name", model_path,
             "--openai.server_type", spec.server_type,
-            # The OpenAI client refuses an empty key; the gateway ignores it unless it has one.
-            "--openai.api_key", api_key or "unused",
         ]  # fmt: skip
     return cmd + list(spec.args)
+
+
+def env_environ(gateway: Optional[tuple[str, str]], api_key: Optional[str]) -> Optional[dict[str, str]]:
+    """The environment's process environment: the gateway's key for the runner to pass on."""
+    if gateway is None:
+        return None
+    # The OpenAI client refuses an empty key; the gateway ignores it unless it has one.
+    return {**os.environ, API_KEY_ENV: api_key or "unused"}
+
+
+def preflight(cfg: DataConfig) -> None:
+    """Fail in a line naming ``data.envs[i]`` when an environment's script or module does not exist."""
+    for index, spec in enumerate(cfg.envs):
+        where = f"data.envs[{index}] ({spec.name})"
+        if spec.script is not None and not Path(spec.script).is_file():
+            raise EnvironmentFailedError(f"{where}: script {spec.script} not found (relative to {Path.cwd()})")
+        if spec.module is not None:
+            try:
+                found = importlib.util.find_spec(spec.module) is not None
+            except (ImportError, ValueError):
+                found = False
+            if not found:
+                raise EnvironmentFailedError(f"{where}: module {spec.module} is not importable")
+
+
+def usage_error(code: int, uptime_s: float, log_text: str) -> bool:
+    """An exit no restart can fix: early, and argparse's status or a missing-file / import signature."""
+    return code > 0 and uptime_s < STARTUP_WINDOW_S and (code == 2 or _USAGE_ERROR.search(log_text) is not None)
+
+
+def _this_attempt(log_text: str) -> str:
+    """The output since the last start: ChildProcess appends each start's header line to one log."""
+    marker = log_text.rfind("=== environment ")
+    return log_text[marker:].split("\n", 1)[-1] if marker >= 0 else log_text
+
+
+def _last_message(log_text: str) -> str:
+    lines = [line.strip() for line in log_text.splitlines() if line.strip()]
+    return lines[-1] if lines else "(no output)"
 
 
 SECRET_FLAGS = ("--openai.api_key",)
@@ -104,16 +192,18 @@ class _EnvProcess:
     index: int
     command: list[str]
     child: ChildProcess
+    environ: Optional[dict[str, str]]
     started_at: float = 0.0
     consecutive_restarts: int = 0
     next_start_at: Optional[float] = None
+    finished: bool = False
 
     @property
     def label(self) -> str:
         return f"{self.spec.name}[{self.index}]"
 
     def start(self) -> None:
-        self.child.start(self.command, shown=redacted(self.command))
+        self.child.start(self.command, env=self.environ, shown=redacted(self.command))
         self.started_at = time.monotonic()
         self.next_start_at = None
 
@@ -122,6 +212,7 @@ class EnvSupervisor:
     """Starts the configured environments and keeps them running until :meth:`stop`."""
 
     def __init__(self, cfg: DataConfig, log_dir: Path, poll_interval_s: float = 0.5):
+        preflight(cfg)
         self.cfg = cfg
         self.log_dir = log_dir
         self.poll_interval_s = poll_interval_s
@@ -129,15 +220,26 @@ class EnvSupervisor:
         self.failed = asyncio.Event()
         self.failure: Optional[str] = None
         self._task: Optional[asyncio.Task] = None
+        self._owner: Optional[asyncio.Task] = None
 
-    def start(self, api_url: str, model_path: str, gateway: Optional[tuple[str, str]], api_key: Optional[str]) -> None:
+    def start(
+        self,
+        api_url: str,
+        model_path: str,
+        gateway: Optional[tuple[str, str]],
+        api_key: Optional[str],
+        launch: EnvLaunch = EnvLaunch(),
+    ) -> None:
+        """``launch``: the run's facts, ``EnvLaunch.for_run(cfg.trainer)`` from the trainer."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._owner = asyncio.current_task()
+        environ = env_environ(gateway, api_key)
         for spec in self.cfg.envs:
-            command = env_command(spec, api_url, model_path, gateway, api_key)
+            command = env_command(spec, api_url, model_path, gateway, launch, self.cfg.group_size)
             for index in range(spec.replicas):
                 label = f"environment {spec.name}[{index}]"
                 process = _EnvProcess(
-                    spec, index, command, ChildProcess(label, self.log_dir / f"{spec.name}-{index}.log")
+                    spec, index, command, ChildProcess(label, self.log_dir / f"{spec.name}-{index}.log"), environ
                 )
                 process.start()
                 logger.info("started %s (pid %d, log %s)", label, process.child.pid, process.child.log_path)
@@ -149,6 +251,8 @@ class EnvSupervisor:
         while True:
             now = time.monotonic()
             for process in self.processes:
+                if process.finished:
+                    continue
                 if process.next_start_at is not None:
                     if now >= process.next_start_at:
                         process.start()
@@ -158,6 +262,12 @@ class EnvSupervisor:
                 if code is None:
                     if now - process.started_at > HEALTHY_UPTIME_S:
                         process.consecutive_restarts = 0
+                    continue
+                if code == 0:
+                    # atroposlib's serve returns once the API's step count passes --env.total_steps.
+                    process.child.stop()
+                    process.finished = True
+                    logger.info("environment %s finished (exit status 0); not restarted", process.label)
                     continue
                 self._handle_exit(process, code, now)
                 if self.failed.is_set():
@@ -169,6 +279,19 @@ class EnvSupervisor:
         process.child.stop()
         tail = log_tail(process.child.log_path, 15)
         log_path = process.child.log_path
+        attempt = _this_attempt(log_tail(log_path, 60))
+        if usage_error(code, now - process.started_at, attempt):
+            self.failure = (
+                f"environment {process.label} could not start (exit status {code}): {_last_message(attempt)}\n"
+                f"last lines of {log_path}:\n{tail}"
+            )
+            logger.error(self.failure)
+            self.failed.set()
+            # The run may be minutes from waiting for a batch (engines still starting);
+            # stopping it now unwinds it the way SIGTERM does.
+            if self._owner is not None:
+                self._owner.cancel(self.failure)
+            return
         max_restarts = self.cfg.max_restarts
         if process.consecutive_restarts >= max_restarts:
             self.failure = (
