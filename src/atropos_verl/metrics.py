@@ -76,6 +76,15 @@ def reward_metrics(groups: list[ScoredGroup]) -> dict[str, float]:
     return metrics
 
 
+def env_group_counts(groups: list[ScoredGroup]) -> dict[str, float]:
+    """Groups trained per environment (``data/groups_env_<env_id>``, the id the API gave it)."""
+    counts: dict[str, float] = {}
+    for group in groups:
+        key = f"data/groups_env_{group.env_id if group.env_id is not None else 'unknown'}"
+        counts[key] = counts.get(key, 0.0) + 1.0
+    return counts
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     with path.open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -29,12 +29,12 @@ from atropos_verl.advantages import token_advantages
 from atropos_verl.assets import resolve_model_path
 from atropos_verl.atropos.batches import BatchSource
 from atropos_verl.atropos.client import AtroposClient, TrainerRegistration
-from atropos_verl.atropos.environments import EnvSupervisor, ensure_api
+from atropos_verl.atropos.environments import EnvLaunch, EnvSupervisor, ensure_api
 from atropos_verl.batch import build_batch
 from atropos_verl.checkpoint import CheckpointDir, Progress, run_dir_lock
 from atropos_verl.config import RunConfig
 from atropos_verl.groups import GroupLimits, validate_batch
-from atropos_verl.metrics import MetricsLogger, reward_metrics
+from atropos_verl.metrics import MetricsLogger, env_group_counts, reward_metrics
 from atropos_verl.modelinfo import model_info
 from atropos_verl.policy.actor import Actor
 from atropos_verl.report import ProgressBar, finish
@@ -77,13 +77,14 @@ class Trainer:
             replay = spool.start_attempt(resume_step or 0)
             if replay:
                 logger.info("replaying %d fetched batches that no checkpoint includes", len(replay))
+            # Before anything starts: a missing environment script fails the run in seconds.
+            envs = EnvSupervisor(cfg.data, self.run_dir / "envs")
             api = await ensure_api(cfg.atropos, self.run_dir / "logs")
             if api is not None:
                 stack.callback(api.stop)
             api_url = api.url if api is not None else cfg.atropos.api_url
             serving = serving_for(cfg.engine, cfg.model, model_path, self.run_dir)
             stack.push_async_callback(serving.stop)
-            envs = EnvSupervisor(cfg.data, self.run_dir / "envs")
             stack.push_async_callback(envs.stop)
             client = await stack.enter_async_context(self._client(api_url))
             # Fail fast on an unreachable API before spending time on workers and engines.
@@ -92,7 +93,7 @@ class Trainer:
             # Environments load while the workers and replicas start; they wait for the
             # trainer's registration (and the gateway for replicas) on their own.
             gateway = (serving.url, serving.model_name) if serving.url is not None else None
-            envs.start(api_url, model_path, gateway, serving.api_key)
+            envs.start(api_url, model_path, gateway, serving.api_key, launch=EnvLaunch.for_run(cfg.trainer))
             policy = await self._start_policy(model_path, serving)
             stack.callback(policy.shutdown)
             if resume_step is not None:
@@ -153,6 +154,7 @@ class Trainer:
                     **train_metrics,
                     **sync_metrics,
                     **reward_metrics(validated.groups),
+                    **env_group_counts(validated.groups),
                     **advantage_stats.as_metrics(),
                     **batch_stats.as_metrics(),
                     "data/groups": len(validated.groups),

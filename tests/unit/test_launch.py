@@ -58,6 +58,9 @@ def test_run_facts_are_injected_and_group_size_only_when_set():
     assert "--env.group_size" not in cmd
     # The spec's own value wins over the run's.
     assert flag(cmd, "--env.total_steps") == "99"
+    # Otherwise environments run as long as the trainer (which stops them), not 7 batches.
+    plain = env_command(EnvSpec(name="e", script="env.py"), "http://api", "/m", None, EnvLaunch.for_run(trainer))
+    assert int(flag(plain, "--env.total_steps")) >= 10**9
     assert flag(env_command(spec, "http://api", "/m", None, group_size=4), "--env.group_size") == "4"
 
 

@@ -79,6 +79,9 @@ async def ensure_api(cfg: AtroposConfig, log_dir: Path) -> Optional[ApiServerPro
     return server
 
 
+RUN_LONG_AS_THE_TRAINER = 1_000_000_000
+
+
 @dataclass(frozen=True)
 class EnvLaunch:
     """Facts of the run every environment is told, as ``--env.*`` flags (a spec's own args still win).
@@ -88,6 +91,10 @@ class EnvLaunch:
     """
 
     max_token_length: Optional[int] = None
+    # The trainer stops its environments when the run ends. atroposlib's own stop counts
+    # batches the API formed, which run ahead of the steps trained and are consumed by
+    # rejected groups too: an env told the run's step count would leave the last steps
+    # without data, and a stock default (1000) would end a longer run early.
     total_steps: Optional[int] = None
     # Stock environments default to use_wandb=True and exit without a wandb login. With wandb
     # on, they read the project and group from the API, where the trainer registered
@@ -96,7 +103,7 @@ class EnvLaunch:
 
     @classmethod
     def for_run(cls, trainer: TrainerConfig) -> EnvLaunch:
-        return cls(trainer.max_token_len, trainer.total_training_steps, "wandb" in trainer.logger)
+        return cls(trainer.max_token_len, RUN_LONG_AS_THE_TRAINER, "wandb" in trainer.logger)
 
 
 def env_command(
