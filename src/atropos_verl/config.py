@@ -71,6 +71,8 @@ class AtroposConfig:
     # auto: start run-api at api_url when nothing answers there (loopback URLs only);
     # always: start it (the port must be free); never: it must already run.
     start_api: str = "auto"
+    # Seconds without a batch after which the periodic "why no batch" line also suggests a fix.
+    starvation_hint_after: float = 300.0
     wandb_group: str = "atropos-verl"
     wandb_project: str = "atropos-verl"
 
@@ -93,6 +95,7 @@ class AtroposConfig:
             "atropos.start_api",
             f"must be auto, always or never, got {self.start_api!r}",
         )
+        _require(self.starvation_hint_after >= 0, "atropos.starvation_hint_after", "must be >= 0")
 
 
 NORMALIZATIONS = ("group", "batch", "none")
@@ -520,3 +523,15 @@ def load_config(cfg: DictConfig | dict[str, Any]) -> RunConfig:
         raise ConfigError(str(exc).strip()) from exc
     run_config.validate()
     return run_config
+
+
+def check_device(cfg: RunConfig, device: str) -> None:
+    """Checks that need the device ``trainer.device`` resolved to (``auto`` is only known at start-up)."""
+    # CPU bf16 matmuls are slow, and their log-probs drift from an fp32 engine's by about
+    # the sync check's whole threshold (0.043-0.049 against engine.sync_check_threshold 0.05).
+    _require(
+        not (device == "cpu" and cfg.actor.dtype == "bfloat16"),
+        "actor.dtype",
+        f"bfloat16 is not supported on the CPU (trainer.device={cfg.trainer.device} runs on cpu here); "
+        "set actor.dtype=float32",
+    )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -76,12 +77,21 @@ def _as_list(value: Any) -> list:
 class Actor:
     """Driver-side handle on the policy's FSDP2 workers."""
 
-    def __init__(self, cfg: RunConfig, model_path: str, worker_cls: type[PolicyWorker] = PolicyWorker):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        model_path: str,
+        worker_cls: type[PolicyWorker] = PolicyWorker,
+        on_ray_started: Callable[[], None] | None = None,
+    ):
+        """``on_ray_started`` runs once Ray is connected (it replaces the SIGTERM handler), before the workers start."""
         self.cfg = cfg
         self.device = resolve_device(cfg.trainer.device)
         if self.device == "cpu":
             os.environ["VERL_PLATFORM"] = "cpu"
         self._owns_ray = ensure_ray(cfg, self.device)
+        if on_ray_started is not None:
+            on_ray_started()
         worker_config = training_worker_config(cfg, model_path, self.device)
         self._pool = pool = RayResourcePool(
             process_on_nodes=[cfg.trainer.n_gpus_per_node] * cfg.trainer.nnodes,
