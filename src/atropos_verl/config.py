@@ -114,6 +114,8 @@ class AtroposConfig:
     # auto: start run-api at api_url when nothing answers there (loopback URLs only);
     # always: start it (the port must be free); never: it must already run.
     start_api: str = _f("auto", choices=("auto", "always", "never"))
+    # Seconds without a batch after which the periodic "why no batch" line also suggests a fix.
+    starvation_hint_after: float = _f(300.0, ge=0)
     wandb_group: str = "atropos-verl"
     wandb_project: str = "atropos-verl"
 
@@ -187,8 +189,9 @@ class ActorConfig:
     clip_grad: float = _f(1.0, gt=0)
     lr_warmup_steps: int = 0
     lr_scheduler_type: str = _f("constant", choices=("constant", "cosine"))
-    # Compute dtype. bfloat16 keeps fp32 master weights and runs matmuls in bf16.
-    dtype: str = _f("bfloat16", choices=("bfloat16", "float32"))
+    # Compute dtype. bfloat16 keeps fp32 master weights and runs matmuls in bf16; auto is
+    # bfloat16 on CUDA and float32 on the CPU (where bf16 is slow and drifts from the engine).
+    dtype: str = _f("auto", choices=("auto", "bfloat16", "float32"))
     ulysses_sequence_parallel_size: int = _f(1, ge=1)
     fsdp_size: int = -1
     # FSDP2 frees gathered parameters after each layer's forward (ZeRO-3); false keeps them
@@ -243,7 +246,7 @@ class EngineConfig:
     tensor_parallel_size: int = _f(1, ge=1)
     gpu_memory_utilization: float = _f(0.5, gt=0, le=1)
     max_model_len: int = _f(2048, ge=2)
-    # Engine compute dtype; auto follows the model's config.
+    # Engine compute dtype; auto is the actor's, so the sync proof compares like with like.
     dtype: str = _f("auto", choices=("auto", "float32", "bfloat16", "float16"))
     # Free accelerator memory while the trainer trains (colocated GPUs).
     sleep_during_training: bool = False
@@ -488,6 +491,25 @@ def load_config(cfg: DictConfig | dict[str, Any]) -> RunConfig:
         raise ConfigError(str(exc).strip()) from exc
     run_config.validate()
     return run_config
+
+
+def compute_dtype(actor: ActorConfig, device: str) -> str:
+    """The actor's compute dtype on ``device``: ``auto`` is bfloat16 on CUDA and float32 on the CPU."""
+    if actor.dtype == "auto":
+        return "bfloat16" if device == "cuda" else "float32"
+    return actor.dtype
+
+
+def check_device(cfg: RunConfig, device: str) -> None:
+    """Checks that need the device ``trainer.device`` resolved to (``auto`` is only known at start-up)."""
+    # CPU bf16 matmuls are slow, and their log-probs drift from an fp32 engine's by about
+    # the sync check's whole threshold (0.043-0.049 against engine.sync_check_threshold 0.05).
+    _require(
+        not (device == "cpu" and cfg.actor.dtype == "bfloat16"),
+        "actor.dtype",
+        f"bfloat16 is not supported on the CPU (trainer.device={cfg.trainer.device} runs on cpu here); "
+        "set actor.dtype=float32 or auto",
+    )
 
 
 # Hydra's schema for conf/config.yaml (its first default): importing this module registers it.

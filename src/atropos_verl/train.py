@@ -32,7 +32,23 @@ def main(cfg: DictConfig) -> None:
 
     from atropos_verl.trainer import Trainer
 
-    run_dir = asyncio.run(Trainer(run_config).run())
+    trainer = Trainer(run_config)
+    try:
+        run_dir = asyncio.run(trainer.run())
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except BaseException as exc:
+        # A stop signal ends the run with 128 + its number once everything it started is
+        # stopped, whatever the cancellation surfaced as while unwinding.
+        received = trainer.signals.received
+        if received is None:
+            raise
+        if isinstance(exc, asyncio.CancelledError):
+            logger.warning("stopped by %s", received.name)
+        else:
+            logger.exception("stopped by %s; stopping raised", received.name)
+        raise SystemExit(trainer.signals.exit_code) from None
     logger.info("run finished: %s", run_dir)
 
 

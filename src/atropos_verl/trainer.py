@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import signal
 import time
 from pathlib import Path
 from typing import Optional
@@ -32,25 +31,17 @@ from atropos_verl.atropos.client import AtroposClient, TrainerRegistration
 from atropos_verl.atropos.environments import EnvLaunch, EnvSupervisor, ensure_api
 from atropos_verl.batch import build_batch
 from atropos_verl.checkpoint import CheckpointDir, Progress, run_dir_lock
-from atropos_verl.config import RunConfig
+from atropos_verl.config import RunConfig, check_device, compute_dtype
 from atropos_verl.groups import GroupLimits, validate_batch
 from atropos_verl.metrics import MetricsLogger, env_group_counts, reward_metrics
 from atropos_verl.modelinfo import model_info
-from atropos_verl.policy.actor import Actor
+from atropos_verl.policy.actor import Actor, resolve_device
 from atropos_verl.report import ProgressBar, finish
 from atropos_verl.serving.service import InferenceService, NoServing, serving_for
 from atropos_verl.spool import GroupSpool
+from atropos_verl.stopping import StopSignals, finish_in_thread
 
 logger = logging.getLogger(__name__)
-
-
-def _cancel_on_signals() -> None:
-    """SIGTERM and SIGHUP unwind the run like Ctrl-C, so every process it started is stopped."""
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    if task is not None:
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            loop.add_signal_handler(sig, task.cancel)
 
 
 class Trainer:
@@ -59,9 +50,14 @@ class Trainer:
         self.run_dir = Path(cfg.trainer.run_dir).resolve()
         self.checkpoints = CheckpointDir(self.run_dir / "checkpoints", cfg.trainer.max_ckpt_to_keep)
         self.progress = Progress()
+        # SIGTERM, SIGINT and SIGHUP cancel run(); train.py exits with signals.exit_code.
+        self.signals = StopSignals()
 
     async def run(self) -> Path:
         cfg = self.cfg
+        self.signals.install()
+        device = resolve_device(cfg.trainer.device)
+        check_device(cfg, device)
         started_at = time.monotonic()
         model_path = resolve_model_path(cfg.model.path)
         limits = GroupLimits(
@@ -69,7 +65,6 @@ class Trainer:
             max_token_len=cfg.trainer.max_token_len,
         )
         resume_step = self._resume_point()
-        _cancel_on_signals()
         async with contextlib.AsyncExitStack() as stack:
             stack.enter_context(run_dir_lock(self.run_dir))
             metrics_logger = stack.enter_context(contextlib.closing(self._metrics_logger()))
@@ -83,7 +78,7 @@ class Trainer:
             if api is not None:
                 stack.callback(api.stop)
             api_url = api.url if api is not None else cfg.atropos.api_url
-            serving = serving_for(cfg.engine, cfg.model, model_path, self.run_dir)
+            serving = serving_for(cfg.engine, cfg.model, model_path, compute_dtype(cfg.actor, device), self.run_dir)
             stack.push_async_callback(serving.stop)
             stack.push_async_callback(envs.stop)
             client = await stack.enter_async_context(self._client(api_url))
@@ -97,11 +92,21 @@ class Trainer:
             policy = await self._start_policy(model_path, serving)
             stack.callback(policy.shutdown)
             if resume_step is not None:
-                await asyncio.to_thread(policy.load_checkpoint, str(self.checkpoints.actor_dir(resume_step)))
+                await finish_in_thread(policy.load_checkpoint, str(self.checkpoints.actor_dir(resume_step)))
                 logger.info("resumed from %s at step %d", self.checkpoints.step_dir(resume_step), self.progress.step)
             await serving.attach(policy, self.progress.step, resumed=resume_step is not None)
             await client.register()
-            source = BatchSource(client, spool, replay, envs, cfg.atropos.batch_timeout, cfg.atropos.max_poll_interval)
+            source = BatchSource(
+                client,
+                spool,
+                replay,
+                envs,
+                cfg.atropos.batch_timeout,
+                cfg.atropos.max_poll_interval,
+                api=api,
+                env_log_dir=envs.log_dir,
+                starvation_hint_after_s=cfg.atropos.starvation_hint_after,
+            )
             await self._train(source, policy, serving, limits, metrics_logger)
         finish(self.run_dir, started_at)
         return self.run_dir
@@ -141,7 +146,7 @@ class Trainer:
                 )
                 await serving.before_training()
                 train_start = time.perf_counter()
-                train_metrics = await asyncio.to_thread(policy.train, batch)
+                train_metrics = await finish_in_thread(policy.train, batch)
                 train_s = time.perf_counter() - train_start
                 progress.step += 1
                 progress.groups_trained_total += len(validated.groups)
@@ -221,9 +226,19 @@ class Trainer:
 
     async def _start_policy(self, model_path: str, serving: InferenceService | NoServing) -> Actor:
         """Start the policy workers and, concurrently, the inference replicas (both take a while)."""
-        results = await asyncio.gather(
-            asyncio.to_thread(Actor, self.cfg, model_path), serving.start_replicas(), return_exceptions=True
+        constructing = asyncio.ensure_future(
+            asyncio.to_thread(Actor, self.cfg, model_path, on_ray_started=self.signals.reinstall)
         )
+        try:
+            results = await asyncio.gather(
+                asyncio.shield(constructing), serving.start_replicas(), return_exceptions=True
+            )
+        except asyncio.CancelledError:
+            # The constructor's thread cannot be interrupted; what it builds must still be stopped.
+            await asyncio.wait([constructing])
+            if not constructing.cancelled() and constructing.exception() is None:
+                await asyncio.to_thread(constructing.result().shutdown)
+            raise
         actor = results[0]
         failure = next((r for r in results if isinstance(r, BaseException)), None)
         if failure is not None:
@@ -234,8 +249,8 @@ class Trainer:
 
     async def _save(self, policy: Actor, source: BatchSource) -> None:
         step = self.progress.step
-        await asyncio.to_thread(policy.save_checkpoint, str(self.checkpoints.actor_dir(step)), step)
-        await asyncio.to_thread(self.checkpoints.commit, dataclasses.replace(self.progress))
+        await finish_in_thread(policy.save_checkpoint, str(self.checkpoints.actor_dir(step)), step)
+        await finish_in_thread(self.checkpoints.commit, dataclasses.replace(self.progress))
         source.checkpoint_committed(step)
         logger.info("checkpoint saved at step %d: %s", step, self.checkpoints.step_dir(step))
 

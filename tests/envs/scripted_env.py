@@ -90,7 +90,8 @@ class ScriptedEnvConfig(BaseEnvConfig):
     pattern: str = Field(
         default="mixed",
         description="mixed: invalid, then score/token groups alternating (see module doc); "
-        "score: only identical score groups, so every batch is the same",
+        "score: only identical score groups, so every batch is the same; "
+        "equal: score groups whose answers all score 1.0, which BaseEnv drops (ensure_scores_are_not_same)",
     )
 
 
@@ -121,6 +122,12 @@ class ScriptedMultiTurnEnv(BaseEnv):
     async def collect_trajectories(self, item):
         if self.config.pattern == "score":
             return build_group(self.tokenizer, "score"), []
+        if self.config.pattern == "equal":
+            # Every group is dropped at once: without a pause the env would spin on a shared CPU.
+            await asyncio.sleep(0.5)
+            group = build_group(self.tokenizer, "score")
+            group["scores"] = [1.0] * len(SCORES)
+            return group, []
         while item >= 3 and self.curr_step < 1:
             await asyncio.sleep(0.05)
         if item == 1:

@@ -93,6 +93,11 @@ class ApiServerProcess:
         """None while running, else the exit status."""
         return self._child.returncode()
 
+    def exit_report(self) -> str | None:
+        """None while the server runs; else how it exited and its last log lines."""
+        status = self._child.exit_status()
+        return None if status is None else f"{self._child}: {status}; {self._child.tail()}"
+
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop this server's process group (by PID only): SIGTERM, wait, then SIGKILL. Safe to call twice."""
         self._child.stop(timeout_s)

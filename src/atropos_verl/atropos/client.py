@@ -449,6 +449,12 @@ class AtroposClient:
         """GET /info: the registered batch_size and max_token_len (-1 when unregistered)."""
         return await self._with_retries("GET /info", functools.partial(self._request_json, "GET", "/info"))
 
+    async def latest_example(self) -> dict[str, Any]:
+        """GET /latest_example: the last scored group the API received (empty lists before any)."""
+        return await self._with_retries(
+            "GET /latest_example", functools.partial(self._request_json, "GET", "/latest_example")
+        )
+
     async def reset(self) -> None:
         """GET /reset_data: drops the queue, registrations, environments and step counter."""
         await self._with_retries("GET /reset_data", functools.partial(self._request, "GET", "/reset_data"))

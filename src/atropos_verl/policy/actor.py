@@ -15,6 +15,7 @@ import secrets
 import shutil
 import socket
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -116,13 +117,22 @@ def _as_list(value: Any) -> list:
 class Actor:
     """Driver-side handle on the policy's FSDP2 workers."""
 
-    def __init__(self, cfg: RunConfig, model_path: str, worker_cls: type[PolicyWorker] = PolicyWorker):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        model_path: str,
+        worker_cls: type[PolicyWorker] = PolicyWorker,
+        on_ray_started: Callable[[], None] | None = None,
+    ):
+        """``on_ray_started`` runs once Ray is connected (it replaces the SIGTERM handler), before the workers start."""
         self.cfg = cfg
         self.device = resolve_device(cfg.trainer.device)
         if self.device == "cpu":
             os.environ["VERL_PLATFORM"] = "cpu"
         # Set when this Actor started Ray: stopped, and its token folder removed, at shutdown.
         self._own_ray = ensure_ray(cfg, self.device)
+        if on_ray_started is not None:
+            on_ray_started()
         worker_config = training_worker_config(cfg, model_path, self.device)
         self._pool = pool = RayResourcePool(
             process_on_nodes=[cfg.trainer.n_gpus_per_node] * cfg.trainer.nnodes,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from verl.trainer.config import CheckpointConfig
 from verl.workers.config import FSDPEngineConfig, FSDPOptimizerConfig, HFModelConfig, TrainingWorkerConfig
 
-from atropos_verl.config import RunConfig
+from atropos_verl.config import RunConfig, compute_dtype
 
 WHOLE_MODEL = {"disable": True, "transformer_layer_cls_to_wrap": ["<whole model>"]}
 
@@ -19,7 +19,7 @@ def uses_fused_optimizer(cfg: RunConfig, device: str) -> bool:
 def training_worker_config(cfg: RunConfig, model_path: str, device: str) -> TrainingWorkerConfig:
     """Translate our typed config into verl's engine, optimizer and model configs."""
     actor = cfg.actor
-    precision = "bf16" if actor.dtype == "bfloat16" else "fp32"
+    precision = "bf16" if compute_dtype(actor, device) == "bfloat16" else "fp32"
     wrap_layers = cfg.trainer.world_size > 1 if actor.wrap_layers is None else actor.wrap_layers
     model = HFModelConfig(
         path=model_path,

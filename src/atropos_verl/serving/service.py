@@ -16,7 +16,6 @@ from typing import Optional
 
 from atropos_verl.assets import BUILTIN_PREFIX
 from atropos_verl.config import EngineConfig, ModelConfig
-from atropos_verl.modelinfo import model_info
 from atropos_verl.serving.gateway import Gateway
 from atropos_verl.serving.replicas import EngineError, InferenceReplica, ReplicaSpec
 from atropos_verl.serving.sync import SyncReport, WeightSync, probe_sequences
@@ -26,11 +25,9 @@ from atropos_verl.serving.transports.folder import FolderTransport, default_weig
 logger = logging.getLogger(__name__)
 
 
-def engine_dtype(engine: EngineConfig, model: ModelConfig, model_path: str) -> str:
-    """The dtype replicas compute in, and therefore the one weights are exported in."""
-    if engine.dtype != "auto":
-        return engine.dtype
-    return model_info(model_path, model.trust_remote_code).dtype
+def engine_dtype(engine: EngineConfig, trainer_dtype: str) -> str:
+    """The dtype replicas compute in (and weights are exported in): by default the trainer's own."""
+    return trainer_dtype if engine.dtype == "auto" else engine.dtype
 
 
 def served_model_name(model: ModelConfig, model_path: str) -> str:
@@ -42,8 +39,9 @@ def served_model_name(model: ModelConfig, model_path: str) -> str:
     return model_path if model.path.startswith(BUILTIN_PREFIX) else model.path
 
 
-def build_replicas(engine: EngineConfig, model: ModelConfig, model_path: str, log_dir: Path) -> list[InferenceReplica]:
-    dtype = engine_dtype(engine, model, model_path)
+def build_replicas(
+    engine: EngineConfig, model: ModelConfig, model_path: str, dtype: str, log_dir: Path
+) -> list[InferenceReplica]:
     replicas: list[InferenceReplica] = []
     for index in range(engine.replicas):
         spec = ReplicaSpec(
@@ -96,10 +94,10 @@ class NoServing:
 class InferenceService:
     """Replicas + gateway + weight sync for ``engine=vllm|sglang``; :class:`NoServing` has the same face."""
 
-    def __init__(self, engine: EngineConfig, model: ModelConfig, model_path: str, run_dir: Path):
+    def __init__(self, engine: EngineConfig, model: ModelConfig, model_path: str, trainer_dtype: str, run_dir: Path):
         self.engine = engine
-        self.dtype = engine_dtype(engine, model, model_path)
-        self.replicas = build_replicas(engine, model, model_path, run_dir / "engines")
+        self.dtype = engine_dtype(engine, trainer_dtype)
+        self.replicas = build_replicas(engine, model, model_path, self.dtype, run_dir / "engines")
         self.model_name = served_model_name(model, model_path)
         api_key = os.environ.get(engine.api_key_env) if engine.api_key_env else None
         if engine.api_key_env and not api_key:
@@ -237,9 +235,9 @@ class InferenceService:
 
 
 def serving_for(
-    engine: EngineConfig, model: ModelConfig, model_path: str, run_dir: Path
+    engine: EngineConfig, model: ModelConfig, model_path: str, trainer_dtype: str, run_dir: Path
 ) -> InferenceService | NoServing:
     """What the run serves the policy with: replicas behind a gateway, or nothing (``engine=external``)."""
     if engine.kind == "external":
         return NoServing()
-    return InferenceService(engine, model, model_path, run_dir)
+    return InferenceService(engine, model, model_path, trainer_dtype, run_dir)
