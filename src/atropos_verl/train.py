@@ -30,6 +30,7 @@ def main(cfg: DictConfig) -> None:
         print(f"configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
+    from atropos_verl.atropos.environments import EnvironmentFailedError
     from atropos_verl.trainer import Trainer
 
     trainer = Trainer(run_config)
@@ -38,6 +39,9 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except EnvironmentFailedError as exc:
+        print(f"environment failed: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
     except BaseException as exc:
         # A stop signal ends the run with 128 + its number once everything it started is
         # stopped, whatever the cancellation surfaced as while unwinding.

@@ -28,7 +28,7 @@ from atropos_verl.advantages import token_advantages
 from atropos_verl.assets import resolve_model_path
 from atropos_verl.atropos.batches import BatchSource
 from atropos_verl.atropos.client import AtroposClient, TrainerRegistration
-from atropos_verl.atropos.environments import EnvLaunch, EnvSupervisor, ensure_api
+from atropos_verl.atropos.environments import EnvironmentFailedError, EnvLaunch, EnvSupervisor, ensure_api
 from atropos_verl.batch import build_batch
 from atropos_verl.checkpoint import CheckpointDir, Progress, run_dir_lock
 from atropos_verl.config import RunConfig, check_device, compute_dtype
@@ -65,6 +65,23 @@ class Trainer:
             max_token_len=cfg.trainer.max_token_len,
         )
         resume_step = self._resume_point()
+        # Before anything starts: a missing environment script fails the run in seconds.
+        envs = EnvSupervisor(cfg.data, self.run_dir / "envs")
+        try:
+            await self._run(model_path, device, limits, resume_step, envs)
+        except asyncio.CancelledError:
+            # An environment that cannot start cancels the run (see EnvSupervisor): say which.
+            if envs.failure is not None and self.signals.received is None:
+                raise EnvironmentFailedError(envs.failure) from None
+            raise
+        finish(self.run_dir, started_at)
+        return self.run_dir
+
+    async def _run(
+        self, model_path: str, device: str, limits: GroupLimits, resume_step: Optional[int], envs: EnvSupervisor
+    ) -> None:
+        """Start what the run needs (stopped again in reverse order, whatever happens), then train."""
+        cfg = self.cfg
         async with contextlib.AsyncExitStack() as stack:
             stack.enter_context(run_dir_lock(self.run_dir))
             metrics_logger = stack.enter_context(contextlib.closing(self._metrics_logger()))
@@ -72,8 +89,6 @@ class Trainer:
             replay = spool.start_attempt(resume_step or 0)
             if replay:
                 logger.info("replaying %d fetched batches that no checkpoint includes", len(replay))
-            # Before anything starts: a missing environment script fails the run in seconds.
-            envs = EnvSupervisor(cfg.data, self.run_dir / "envs")
             api = await ensure_api(cfg.atropos, self.run_dir / "logs")
             if api is not None:
                 stack.callback(api.stop)
@@ -108,8 +123,6 @@ class Trainer:
                 starvation_hint_after_s=cfg.atropos.starvation_hint_after,
             )
             await self._train(source, policy, serving, limits, metrics_logger)
-        finish(self.run_dir, started_at)
-        return self.run_dir
 
     async def _train(
         self,
@@ -160,6 +173,7 @@ class Trainer:
                     **sync_metrics,
                     **reward_metrics(validated.groups),
                     **env_group_counts(validated.groups),
+                    **source.client.counters(),
                     **advantage_stats.as_metrics(),
                     **batch_stats.as_metrics(),
                     "data/groups": len(validated.groups),

@@ -124,7 +124,9 @@ async def _sleep_or_stop(stop: asyncio.Event | None, seconds: float) -> bool:
 class AtroposClient:
     """Trainer-side client: register, then pull batches of scored groups.
 
-    Use as `async with AtroposClient(url, registration) as client:`.
+    Use as `async with AtroposClient(url, registration) as client:`. Its counters
+    (`batches_received`, `retries`, `reregistrations`, `resets`) are logged per step
+    (:meth:`counters`).
     """
 
     def __init__(
@@ -156,6 +158,10 @@ class AtroposClient:
         self.retry_backoff_s = retry_backoff_s
         self.reset_on_mismatch = reset_on_mismatch
         self.uuid: int | None = None
+        self.batches_received = 0
+        self.retries = 0
+        self.reregistrations = 0
+        self.resets = 0
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> AtroposClient:
@@ -216,6 +222,7 @@ class AtroposClient:
         return body
 
     def _log_retry(self, what: str, state: RetryCallState) -> None:
+        self.retries += 1
         exc = state.outcome.exception() if state.outcome is not None else None
         reason = exc.reason if isinstance(exc, _TransientError) else _describe(exc) if exc else "no result"
         logger.warning(
@@ -272,6 +279,8 @@ class AtroposClient:
             return _int_field(body, "uuid", "POST /register")
 
         uuid = await self._with_retries("POST /register", attempt)
+        if self.uuid is not None:
+            self.reregistrations += 1
         self.uuid = uuid
         return uuid
 
@@ -382,6 +391,8 @@ class AtroposClient:
                 raise AtroposAPIError(
                     self.api_url, f"trainer still not registered after registering again: {again.reason}"
                 ) from again
+        if batch is not None:
+            self.batches_received += 1
         return batch
 
     async def next_batch(
@@ -449,6 +460,15 @@ class AtroposClient:
         """GET /info: the registered batch_size and max_token_len (-1 when unregistered)."""
         return await self._with_retries("GET /info", functools.partial(self._request_json, "GET", "/info"))
 
+    def counters(self) -> dict[str, float]:
+        """How often the API had to be retried, re-registered with or reset: the run's API health."""
+        return {
+            "api/batches_received": self.batches_received,
+            "api/retries": self.retries,
+            "api/reregistrations": self.reregistrations,
+            "api/resets": self.resets,
+        }
+
     async def latest_example(self) -> dict[str, Any]:
         """GET /latest_example: the last scored group the API received (empty lists before any)."""
         return await self._with_retries(
@@ -458,3 +478,4 @@ class AtroposClient:
     async def reset(self) -> None:
         """GET /reset_data: drops the queue, registrations, environments and step counter."""
         await self._with_retries("GET /reset_data", functools.partial(self._request, "GET", "/reset_data"))
+        self.resets += 1
