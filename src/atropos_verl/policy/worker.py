@@ -22,6 +22,7 @@ from verl.workers.engine_workers import TrainingWorker
 import atropos_verl.policy.platform_cpu  # noqa: F401
 from atropos_verl.modelinfo import ties_word_embeddings
 from atropos_verl.policy.rows import BatchArrays, cuts_by_offsets, split_rows
+from atropos_verl.serving.transports.cuda_ipc import IpcStage, gpu_uuid
 from atropos_verl.serving.transports.folder import write_weights
 
 
@@ -158,3 +159,31 @@ class PolicyWorker(TrainingWorker):
             writer=self.rank == 0,
             tied_embeddings=ties_word_embeddings(self.model_config.hf_config),
         )
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def stage_weights_ipc(self, bucket_bytes: int, dtype: str) -> dict:
+        """Copy the full policy into this worker's reusable GPU buckets; rank 0's answer holds the IPC updates.
+
+        Every rank walks verl's per-tensor generator (each full tensor is an all-gather);
+        only rank 0 keeps buckets, so only its GPU can be read by a colocated replica.
+        """
+        if getattr(self, "_ipc_stage", None) is None:
+            self._ipc_stage = IpcStage()
+        per_tensor, _ = self.engine.get_per_tensor_param()
+        return self._ipc_stage.stage(
+            per_tensor,
+            bucket_bytes=bucket_bytes,
+            dtype=dtype,
+            writer=self.rank == 0,
+            tied_embeddings=ties_word_embeddings(self.model_config.hf_config),
+        )
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def release_weights_ipc(self) -> None:
+        if getattr(self, "_ipc_stage", None) is not None:
+            self._ipc_stage.release()
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def gpu_uuid(self) -> str | None:
+        """This rank's physical GPU (None on CPU): a colocated replica's workers report the same UUID."""
+        return gpu_uuid() if torch.cuda.is_available() else None

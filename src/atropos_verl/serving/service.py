@@ -19,7 +19,8 @@ from atropos_verl.config import EngineConfig, ModelConfig
 from atropos_verl.serving.gateway import Gateway
 from atropos_verl.serving.replicas import EngineError, InferenceReplica, ReplicaSpec
 from atropos_verl.serving.sync import SyncReport, WeightSync, probe_sequences
-from atropos_verl.serving.transports.base import PolicyWeights
+from atropos_verl.serving.transports.base import PolicyWeights, WeightTransport
+from atropos_verl.serving.transports.cuda_ipc import CudaIpcTransport, select_transport
 from atropos_verl.serving.transports.folder import FolderTransport, default_weights_root
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ def build_replicas(
             gpu_memory_utilization=engine.gpu_memory_utilization,
             tensor_parallel_size=engine.tensor_parallel_size,
             enable_sleep_mode=engine.sleep_during_training,
+            # Replicas start able to take CUDA IPC updates unless the folder is forced; attach() picks.
+            weight_transfer="ipc" if engine.kind == "vllm" and engine.weight_transport != "folder" else "folder",
             extra_args=list(engine.extra_args),
         )
         if engine.kind == "vllm":
@@ -137,9 +140,7 @@ class InferenceService:
 
         A resumed run's replicas started from the base weights: they get the checkpoint's first.
         """
-        transport = FolderTransport(
-            policy, root=default_weights_root(), dtype=self.dtype, bucket_bytes=self.engine.sync_bucket_mb << 20
-        )
+        transport = await self._make_transport(policy)
         self.weight_sync = WeightSync(
             policy,
             self.replicas,
@@ -153,6 +154,23 @@ class InferenceService:
         self._monitor_task = asyncio.create_task(self._monitor())
         if resumed:
             await self.sync(policy_version, probe=[])
+
+    async def _make_transport(self, policy: PolicyWeights) -> WeightTransport:
+        """``engine.weight_transport``: cuda_ipc when every replica is on the trainer's GPU (auto), else folder."""
+        bucket_bytes = self.engine.sync_bucket_mb << 20
+        device = getattr(policy, "device", "cpu")
+        setting = self.engine.weight_transport
+        trainer_gpu, replica_gpus = None, {}
+        if setting != "folder" and device == "cuda" and self.engine.kind == "vllm":
+            trainer_gpu = await asyncio.to_thread(policy.gpu_uuid)  # type: ignore[attr-defined]
+            replica_gpus = {r.name: await r.gpu_uuids() for r in self.replicas}  # type: ignore[attr-defined]
+        choice = select_transport(
+            setting, device=device, engine_kind=self.engine.kind, trainer_gpu=trainer_gpu, replica_gpus=replica_gpus
+        )
+        logger.info("weight transport: %s (engine.weight_transport=%s)", choice, setting)
+        if choice == "cuda_ipc":
+            return CudaIpcTransport(policy, dtype=self.dtype, bucket_bytes=bucket_bytes)  # type: ignore[arg-type]
+        return FolderTransport(policy, root=default_weights_root(), dtype=self.dtype, bucket_bytes=bucket_bytes)
 
     async def before_training(self) -> None:
         """Free accelerator memory for the update when replicas share the trainer's GPUs."""

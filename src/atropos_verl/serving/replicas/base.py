@@ -29,6 +29,8 @@ class ReplicaSpec:
     gpu_memory_utilization: float = 0.5
     tensor_parallel_size: int = 1
     enable_sleep_mode: bool = False
+    weight_transfer: str = "folder"
+    """``ipc``: also start the engine's native CUDA IPC weight transfer (vLLM on CUDA); folder loads always work."""
     extra_args: list[str] = field(default_factory=list)
     """Appended last to the engine's command line, so they override the adapter's defaults."""
     env: dict[str, str] = field(default_factory=dict)

@@ -28,7 +28,7 @@ import logging
 import os
 import sys
 import time
-from typing import Literal
+from typing import Any, Literal
 
 from atropos_verl.serving.replicas.base import EngineError, ReplicaSpec
 from atropos_verl.serving.replicas.server import ServerReplica
@@ -73,6 +73,9 @@ class VLLMReplica(ServerReplica):
         super().__init__(spec, name, log_dir, control_timeout_s)
         self._pause_mode: PauseMode = pause_mode
         self._labels_weights = True
+        # Seconds the last weight load took inside the engine (benchmarks read it).
+        self.last_load_seconds = 0.0
+        self.last_load_parts: dict[str, float] = {}
 
     def command(self, port: int) -> list[str]:
         """The server's command line; ``spec.extra_args`` come last so their flags win.
@@ -94,6 +97,9 @@ class VLLMReplica(ServerReplica):
         ]  # fmt: skip
         if spec.enable_sleep_mode:
             cmd.append("--enable-sleep-mode")
+        if spec.weight_transfer == "ipc" and _cuda_available():
+            # vLLM 0.24's native transfer; the folder reload keeps working beside it.
+            cmd += ["--weight-transfer-config", '{"backend": "ipc"}']
         if not _cuda_available():
             # The verified CPU setup; vLLM's CPU compile path would add start-up time.
             cmd.append("--enforce-eager")
@@ -106,6 +112,9 @@ class VLLMReplica(ServerReplica):
             # refuses to start when that much is not free; 1 GiB of KV cache suits tests and demos.
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         env["VLLM_SERVER_DEV_MODE"] = "1"
+        if self._spec.weight_transfer == "ipc":
+            # The IPC handles arrive pickled over HTTP; vLLM refuses to unpickle them otherwise.
+            env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
         return env
 
     async def _after_start(self) -> None:
@@ -141,9 +150,47 @@ class VLLMReplica(ServerReplica):
         # vLLM 0.32 answers {"success": bool}; 0.24 answers 200 with an empty body.
         if isinstance(reset, dict) and reset.get("success") is not True:
             raise EngineError(f"{self}: prefix cache not reset after loading {path}: {reset!r}")
+        self.last_load_seconds = time.perf_counter() - started
         await self._set_weight_version(version)
         self.policy_version = version
         logger.info("%s: loaded policy version %d from %s in %.3fs", self, version, path, time.perf_counter() - started)
+
+    async def load_weights_ipc(self, updates: list[dict[str, Any]], version: int) -> None:
+        """Load weights from trainer GPU buckets over CUDA IPC (``transports.cuda_ipc``'s updates).
+
+        Checkpoint format: HF names, vLLM's loaders fuse and shard them. Between start and
+        finish vLLM's layers sit on the meta device, so the replica must be paused.
+        """
+        started = time.perf_counter()
+        parts: dict[str, float] = {}
+        try:
+            await self._server.request("POST", "/start_weight_update", body={"is_checkpoint_format": True})
+            parts["start"] = time.perf_counter() - started
+            for update in updates:
+                await self._server.request("POST", "/update_weights", body={"update_info": update})
+            parts["update"] = time.perf_counter() - started - parts["start"]
+            await self._server.request("POST", "/finish_weight_update")
+            parts["finish"] = time.perf_counter() - started - parts["start"] - parts["update"]
+        except EngineError as exc:
+            raise EngineError(
+                f"{exc}\nThe replica may hold a mix of old and new weights: load again or restart it."
+            ) from exc
+        loaded = time.perf_counter()
+        await self._server.request("POST", "/reset_prefix_cache", params={"reset_running_requests": "true"})
+        await self._set_weight_version(version)
+        self.policy_version = version
+        self.last_load_seconds = loaded - started
+        parts["reset"] = time.perf_counter() - loaded
+        self.last_load_parts = parts
+        logger.info(
+            "%s: loaded policy version %d over CUDA IPC (%d buckets) in %.3fs",
+            self, version, len(updates), time.perf_counter() - started,
+        )  # fmt: skip
+
+    async def gpu_uuids(self) -> list[str]:
+        """The physical GPU of each of this server's workers (empty on CPU)."""
+        body = await self._server.request("POST", "/collective_rpc", body={"method": "atropos_verl_gpu_uuid"})
+        return [str(uuid) for uuid in body["results"] if uuid]
 
     async def _set_weight_version(self, version: int) -> None:
         # Only a label (the gateway stamps the authoritative version); vLLM 0.24, the GPU

@@ -33,3 +33,11 @@ class ReloadWorkerExtension:
             if len(modules) > 1:
                 for module in modules:
                     module.quant_method.process_weights_after_loading(module)
+
+    def atropos_verl_gpu_uuid(self: Any) -> str | None:
+        """This worker's physical GPU UUID (None without CUDA): the trainer compares it with its own."""
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        return str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
