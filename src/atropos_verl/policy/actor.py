@@ -44,17 +44,25 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+_RAY_TOKEN_VARIABLES = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")
+
+
+def _reload_ray_config() -> None:
+    """Ray reads its authentication mode once and caches the token; reload both, as ``ray`` does."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
 def _require_ray_token() -> Path:
     """Turn on Ray's token authentication for the local instance this process is about to start.
 
     Ray 2.60 binds its gRPC ports (GCS, raylets, workers) on every interface whatever
     ``_node_ip_address`` says, so the token is what keeps other hosts (and users) out.
     The token sits in a 0600 file named by ``RAY_AUTH_TOKEN_PATH`` (never in argv);
-    Ray's own processes inherit the variables. Ray reads its mode once at import, so
-    its config is reloaded here, as ``ray`` itself does when it enables tokens.
+    Ray's own processes inherit the variables.
     """
-    from ray._raylet import Config
-
     folder = Path(tempfile.mkdtemp(prefix="atropos-verl-ray-"))
     token = folder / "auth_token"
     descriptor = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -62,7 +70,7 @@ def _require_ray_token() -> Path:
         handle.write(secrets.token_hex(32))
     os.environ["RAY_AUTH_MODE"] = "token"
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
-    Config.initialize("")
+    _reload_ray_config()
     return folder
 
 
@@ -76,6 +84,10 @@ class LocalRay:
         ray.shutdown()
         if self.token_folder is not None:
             shutil.rmtree(self.token_folder, ignore_errors=True)
+            # The next local instance of this process (a Hydra multirun's next job) makes its own.
+            for name in _RAY_TOKEN_VARIABLES:
+                os.environ.pop(name, None)
+            _reload_ray_config()
 
 
 def ensure_ray(cfg: RunConfig, device: str) -> Optional[LocalRay]:

@@ -135,7 +135,8 @@ class ServerProcess:
 
     async def stop(self, timeout_s: float = 10) -> None:
         child = self._child
-        if child is None:
+        if child is None or (self._session is None and not child.running):
+            # Never started, or already stopped and released.
             return
         try:
             await asyncio.to_thread(child.stop, timeout_s)
