@@ -42,6 +42,7 @@ def _has_step(run_dir) -> bool:
 
 CASES = [
     ("startup", signal.SIGINT),
+    ("startup", signal.SIGTERM),
     ("training", signal.SIGTERM),
     ("waiting", signal.SIGTERM),
     ("waiting", signal.SIGINT),
