@@ -55,3 +55,16 @@ def test_a_single_server_config_keeps_its_url():
     # Without a URL, atroposlib's default servers are what the config means.
     defaults = ServerManager(ServerBaseline(model_name="m", server_type="openai"))
     assert [s.config.base_url for s in defaults.servers][0] == "http://localhost:9004/v1"
+
+
+def test_server_configs_print_without_their_key():
+    from atroposlib.envs.server_handling.server_baseline import APIServerConfig
+    from rich.console import Console
+
+    compat.apply()
+    config = APIServerConfig(model_name="m", base_url="http://127.0.0.1:1/v1", api_key="gateway-secret")
+    console = Console(record=True, width=200)
+    console.print(config)
+    shown = console.export_text() + repr(config)
+    assert "gateway-secret" not in shown and "api_key='***'" in shown
+    assert config.api_key == "gateway-secret"

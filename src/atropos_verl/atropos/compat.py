@@ -3,7 +3,7 @@
 atroposlib is archived, so these live here and are applied inside every environment
 process (:mod:`atropos_verl.atropos.run_env` applies them before the environment's
 code runs; ``import atropos_verl.atropos.compat as c; c.apply()`` does the same in a
-process you start yourself). Both are process-local and :func:`apply` is idempotent.
+process you start yourself). All are process-local and :func:`apply` is idempotent.
 
 * **Chat templates return ids again.** transformers 5 changed the default of
   ``apply_chat_template(..., return_dict=...)`` to True, so ``tokenize=True`` yields a
@@ -17,6 +17,8 @@ process you start yourself). Both are process-local and :func:`apply` is idempot
   flags turn into one), ``ServerManager`` discards it and calls
   ``localhost:9004-9007``. A single config that names a ``base_url`` is treated as the
   one-element list it means, so the environment reaches the URL it was given.
+* **Keys stay out of logs.** ``serve`` prints its server configs at start; their
+  ``api_key`` (the gateway's bearer token) prints as ``***``.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ _PATCHED = "__atropos_verl_compat__"
 
 
 def apply() -> None:
-    """Install both fixes in this process (again: no-op)."""
+    """Install the fixes in this process (again: no-op)."""
     _restore_chat_template_ids()
     _keep_single_server_url()
+    _redact_api_keys()
 
 
 def _restore_chat_template_ids() -> None:
@@ -72,3 +75,20 @@ def _keep_single_server_url() -> None:
 
     setattr(__init__, _PATCHED, True)
     ServerManager.__init__ = __init__  # type: ignore[method-assign]
+
+
+def _redact_api_keys() -> None:
+    """Server configs print without their key: ``serve`` rich-prints them into the env's log at start."""
+    from atroposlib.envs.server_handling.server_baseline import APIServerConfig
+
+    original = APIServerConfig.__repr_args__
+    if getattr(original, _PATCHED, False):
+        return
+
+    @functools.wraps(original)
+    def __repr_args__(self: Any) -> Any:
+        for name, value in original(self):
+            yield name, ("***" if name == "api_key" and value not in (None, "", "x", "unused") else value)
+
+    setattr(__repr_args__, _PATCHED, True)
+    APIServerConfig.__repr_args__ = __repr_args__  # type: ignore[method-assign]
