@@ -37,6 +37,9 @@ def test_the_demo_configuration_trains_and_syncs(tmp_path):
         # Groups come from ManagedServer with the sampler's log-probs; the sync is proven.
         assert "train/inference_logprob_abs_diff" in m
         assert m["sync/logprob_abs_diff"] < 1e-3, m
+    # Step 1 trains on groups the starting weights sampled at temperature 0.7: the sampler's
+    # log-probs are the trainer's own (both after temperature), not those of another policy.
+    assert steps[0]["train/inference_logprob_abs_diff"] < 0.01, steps[0]
     assert "started environment arithmetic[0]" in log
     assert "reward " in log and (run_dir / "curves.png").exists()
 

@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 
 from atropos_verl.serving.replicas import EngineError, ReplicaSpec, VLLMReplica
+from atropos_verl.serving.replicas.access import TOKEN_HEADER
 
 pytestmark = pytest.mark.integration
 
@@ -29,6 +30,7 @@ MODEL_NAME = "tiny"
 START_TIMEOUT_S = 180.0
 LOGPROB_ATOL = 1e-3
 PROMPT = "The quick brown fox jumps over the lazy dog because"
+REPLICA_TOKEN = "replica-token-for-tests"
 
 
 def _spec(model_path: str, **overrides: Any) -> ReplicaSpec:
@@ -100,7 +102,9 @@ def prompt_ids(tiny_model: str) -> list[int]:
 @pytest.fixture(scope="module")
 def live(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     loop = asyncio.new_event_loop()
-    replica = VLLMReplica(_spec(tiny_model), name="vllm-test", log_dir=tmp_path_factory.mktemp("vllm-logs"))
+    replica = VLLMReplica(
+        _spec(tiny_model, access_token=REPLICA_TOKEN), name="vllm-test", log_dir=tmp_path_factory.mktemp("vllm-logs")
+    )
     try:
         started = time.monotonic()
         loop.run_until_complete(replica.start(timeout_s=START_TIMEOUT_S))
@@ -115,8 +119,34 @@ def live(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         loop.close()
 
 
-async def _new_session() -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
+async def _new_session(token: str | None = REPLICA_TOKEN) -> aiohttp.ClientSession:
+    headers = {TOKEN_HEADER: token} if token else {}
+    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60), headers=headers)
+
+
+def test_only_holders_of_the_replica_token_reach_the_server(live: Live) -> None:
+    """Dev-mode control routes too: vLLM's own --api-key would leave /collective_rpc and /pause open."""
+
+    async def statuses(token: str | None) -> dict[str, int]:
+        async with await _new_session(token) as session:
+            url = live.replica.base_url
+            calls = {
+                "/health": session.get(f"{url}/health"),
+                "/v1/models": session.get(f"{url}/v1/models"),
+                "/is_paused": session.get(f"{url}/is_paused"),
+                "/collective_rpc": session.post(f"{url}/collective_rpc", json={"method": "get_model_config"}),
+            }
+            result = {}
+            for path, call in calls.items():
+                async with call as response:
+                    result[path] = response.status
+            return result
+
+    assert live.run(statuses(None)) == {"/health": 200, "/v1/models": 401, "/is_paused": 401, "/collective_rpc": 401}
+    assert live.run(statuses("wrong"))["/is_paused"] == 401
+    assert live.run(statuses(REPLICA_TOKEN))["/is_paused"] == 200
+    # The token reaches the server in its environment, never on its command line.
+    assert REPLICA_TOKEN.encode() not in Path(f"/proc/{live.replica.pid}/cmdline").read_bytes()
 
 
 @pytest.fixture(scope="module")

@@ -104,6 +104,7 @@ class Gateway:
         extra_ports: list[int] | None = None,
         max_model_len: int | None = None,
         idle_timeout_s: float = 30.0,
+        backend_headers: dict[str, str] | None = None,
     ) -> None:
         self._model_name = model_name
         self._host = host
@@ -118,6 +119,8 @@ class Gateway:
         self._max_model_len = max_model_len
         # A connection that sends no request, or a body that does not arrive, within this is dropped.
         self._idle_timeout_s = idle_timeout_s
+        # Sent to every backend (the run's replica token); never forwarded from callers.
+        self._backend_headers = dict(backend_headers or {})
         self._backends: list[_Backend] = []
         self._rr = 0
         self._policy_version = 0
@@ -168,6 +171,7 @@ class Gateway:
         app.router.add_post("/v1/chat/completions", self._openai)
         app.router.add_post("/generate", self._generate)
         self._session = aiohttp.ClientSession(
+            headers=self._backend_headers,
             connector=aiohttp.TCPConnector(limit=0),  # the default cap of 100 would throttle env fan-out
             timeout=aiohttp.ClientTimeout(total=self._request_timeout_s, sock_connect=_CONNECT_TIMEOUT_S),
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 from pathlib import Path
 from typing import Optional
 
@@ -18,6 +19,7 @@ from atropos_verl.assets import BUILTIN_PREFIX
 from atropos_verl.config import EngineConfig, ModelConfig
 from atropos_verl.serving.gateway import Gateway
 from atropos_verl.serving.replicas import EngineError, InferenceReplica, ReplicaSpec
+from atropos_verl.serving.replicas.access import TOKEN_HEADER
 from atropos_verl.serving.sync import SyncReport, WeightSync, probe_sequences
 from atropos_verl.serving.transports.base import PolicyWeights, WeightTransport
 from atropos_verl.serving.transports.cuda_ipc import CudaIpcTransport, select_transport
@@ -41,7 +43,7 @@ def served_model_name(model: ModelConfig, model_path: str) -> str:
 
 
 def build_replicas(
-    engine: EngineConfig, model: ModelConfig, model_path: str, dtype: str, log_dir: Path
+    engine: EngineConfig, model: ModelConfig, model_path: str, dtype: str, log_dir: Path, access_token: str | None
 ) -> list[InferenceReplica]:
     replicas: list[InferenceReplica] = []
     for index in range(engine.replicas):
@@ -56,6 +58,7 @@ def build_replicas(
             # Replicas start able to take CUDA IPC updates unless the folder is forced; attach() picks.
             weight_transfer="ipc" if engine.kind == "vllm" and engine.weight_transport != "folder" else "folder",
             extra_args=list(engine.extra_args),
+            access_token=access_token if engine.kind == "vllm" else None,
         )
         if engine.kind == "vllm":
             from atropos_verl.serving.replicas.vllm import VLLMReplica
@@ -100,7 +103,9 @@ class InferenceService:
     def __init__(self, engine: EngineConfig, model: ModelConfig, model_path: str, trainer_dtype: str, run_dir: Path):
         self.engine = engine
         self.dtype = engine_dtype(engine, trainer_dtype)
-        self.replicas = build_replicas(engine, model, model_path, self.dtype, run_dir / "engines")
+        # Only this process and its gateway may reach the replicas (their dev routes included).
+        replica_token = secrets.token_urlsafe(32)
+        self.replicas = build_replicas(engine, model, model_path, self.dtype, run_dir / "engines", replica_token)
         self.model_name = served_model_name(model, model_path)
         api_key = os.environ.get(engine.api_key_env) if engine.api_key_env else None
         if engine.api_key_env and not api_key:
@@ -115,6 +120,7 @@ class InferenceService:
             max_wait_s=engine.max_wait,
             extra_ports=list(engine.gateway_extra_ports),
             max_model_len=engine.max_model_len,
+            backend_headers={TOKEN_HEADER: replica_token},
         )
         self.weight_sync: Optional[WeightSync] = None
         # Syncs and restarts both reconfigure replicas; one at a time.

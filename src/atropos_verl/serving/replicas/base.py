@@ -35,6 +35,8 @@ class ReplicaSpec:
     """Appended last to the engine's command line, so they override the adapter's defaults."""
     env: dict[str, str] = field(default_factory=dict)
     """Applied over the inherited environment and the adapter's defaults."""
+    access_token: str | None = None
+    """The run's replica token (see ``replicas.access``): every request but /health must carry it."""
 
 
 class InferenceReplica(abc.ABC):

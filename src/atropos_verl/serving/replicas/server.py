@@ -19,6 +19,7 @@ import aiohttp
 
 from atropos_verl.netutil import free_port, http_url, port_is_free
 from atropos_verl.procs import ChildFailed, ChildProcess, http_ok
+from atropos_verl.serving.replicas.access import TOKEN_ENV, TOKEN_HEADER
 from atropos_verl.serving.replicas.base import EngineError, InferenceReplica, ReplicaSpec
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class ServerProcess:
         log_name: str,
         control_timeout_s: float,
         health_path: str = "/health",
+        headers: dict[str, str] | None = None,
     ) -> None:
         self.label = label
         self.host = host
@@ -50,6 +52,8 @@ class ServerProcess:
         self._log_name = log_name
         self._control_timeout_s = control_timeout_s
         self._health_path = health_path
+        # Sent with every control call (the replica token).
+        self._headers = dict(headers or {})
         self._child: ChildProcess | None = None
         self._session: aiohttp.ClientSession | None = None
 
@@ -99,7 +103,7 @@ class ServerProcess:
         except ChildFailed as exc:
             await self._release()
             raise EngineError(str(exc)) from None
-        self._session = aiohttp.ClientSession()
+        self._session = aiohttp.ClientSession(headers=self._headers)
         health_url = f"{self.base_url}{self._health_path}"
         try:
             await asyncio.to_thread(
@@ -214,7 +218,13 @@ class ServerReplica(InferenceReplica):
         self.policy_version = 0
         self._spec = spec
         self._server = ServerProcess(
-            f"{self.engine} replica {name!r}", spec.host, spec.port, log_dir, name, control_timeout_s
+            f"{self.engine} replica {name!r}",
+            spec.host,
+            spec.port,
+            log_dir,
+            name,
+            control_timeout_s,
+            headers={TOKEN_HEADER: spec.access_token} if spec.access_token else None,
         )
 
     def __repr__(self) -> str:
@@ -240,6 +250,8 @@ class ServerReplica(InferenceReplica):
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
+        if self._spec.access_token:
+            env[TOKEN_ENV] = self._spec.access_token
         env.update(self._spec.env)
         return env
 

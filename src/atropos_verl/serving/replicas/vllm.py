@@ -30,6 +30,7 @@ import sys
 import time
 from typing import Any, Literal
 
+from atropos_verl.serving.replicas.access import MIDDLEWARE
 from atropos_verl.serving.replicas.base import EngineError, ReplicaSpec
 from atropos_verl.serving.replicas.server import ServerReplica
 from atropos_verl.serving.replicas.vllm_worker import ReloadWorkerExtension
@@ -94,6 +95,10 @@ class VLLMReplica(ServerReplica):
             "--gpu-memory-utilization", str(spec.gpu_memory_utilization),
             "--tensor-parallel-size", str(spec.tensor_parallel_size),
             "--worker-extension-cls", _EXTENSION,
+            # Sampled tokens' log-probs of the distribution they were drawn from (after
+            # temperature), as the trainer computes them: vLLM's default (raw) ignores the
+            # temperature, so an env sampling at 0.7 saw a 0.2 gap before any update (H200).
+            "--logprobs-mode", "processed_logprobs",
         ]  # fmt: skip
         if spec.enable_sleep_mode:
             cmd.append("--enable-sleep-mode")
@@ -103,6 +108,8 @@ class VLLMReplica(ServerReplica):
         if not _cuda_available():
             # The verified CPU setup; vLLM's CPU compile path would add start-up time.
             cmd.append("--enforce-eager")
+        if spec.access_token:
+            cmd += ["--middleware", MIDDLEWARE]
         return cmd + list(spec.extra_args)
 
     def environment(self) -> dict[str, str]:
