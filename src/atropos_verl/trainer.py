@@ -106,6 +106,8 @@ class Trainer:
             envs.start(api_url, model_path, gateway, serving.api_key, launch=EnvLaunch.for_run(cfg.trainer))
             policy = await self._start_policy(model_path, serving)
             stack.callback(policy.shutdown)
+            # Runs before the workers stop: the weight transport holds buffers inside them.
+            stack.push_async_callback(serving.detach)
             if resume_step is not None:
                 await finish_in_thread(policy.load_checkpoint, str(self.checkpoints.actor_dir(resume_step)))
                 logger.info("resumed from %s at step %d", self.checkpoints.step_dir(resume_step), self.progress.step)

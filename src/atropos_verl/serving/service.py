@@ -93,6 +93,9 @@ class NoServing:
     async def after_training(self, policy_version: int, sequences: list[list[int]]) -> dict[str, float]:
         return {}
 
+    async def detach(self) -> None:
+        pass
+
     async def stop(self) -> None:
         pass
 
@@ -245,17 +248,27 @@ class InferenceService:
         self.replicas_restarted += 1
         logger.info("%s restarted and serving policy version %d", replica, replica.policy_version)
 
-    async def stop(self) -> None:
+    async def detach(self) -> None:
+        """Stop watching replicas and release the weight transport, while the trainer's workers still run.
+
+        The CUDA IPC transport frees buffers inside those workers; after they are gone a
+        call to them would start a fresh Ray instance instead.
+        """
         if self._monitor_task is not None:
             self._monitor_task.cancel()
             try:
                 await self._monitor_task
             except asyncio.CancelledError:
                 pass
-        await self.gateway.stop()
-        await asyncio.gather(*(replica.stop() for replica in self.replicas), return_exceptions=True)
+            self._monitor_task = None
         if self.weight_sync is not None:
             self.weight_sync.close()
+            self.weight_sync = None
+
+    async def stop(self) -> None:
+        await self.detach()
+        await self.gateway.stop()
+        await asyncio.gather(*(replica.stop() for replica in self.replicas), return_exceptions=True)
 
 
 def serving_for(
