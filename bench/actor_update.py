@@ -170,6 +170,7 @@ def run_config(args) -> RunConfig:
     cfg.actor.fused_optimizer = AUTO_OR_BOOL[args.fused_optimizer]
     cfg.actor.micro_batch_size_per_gpu = args.micro_batch
     cfg.actor.max_token_len_per_gpu = args.micro_batch * (args.prompt_len + args.response_len)
+    cfg.trainer.max_token_len = args.prompt_len + args.response_len
     cfg.validate()
     return cfg
 

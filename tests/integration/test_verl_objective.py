@@ -152,6 +152,8 @@ def train_one_batch(model_path, group, **settings):
         section = {"n_gpus_per_node": cfg.trainer, "use_remove_padding": cfg.model}.get(name, cfg.actor)
         assert hasattr(section, name), name
         setattr(section, name, value)
+    # The group's sequences fit the smallest token budget here: the trainer accepts no longer ones.
+    cfg.trainer.max_token_len = min(cfg.trainer.max_token_len, cfg.actor.max_token_len_per_gpu)
     cfg.validate()
     advantages, _ = token_advantages([group], AdvantageConfig(clip=None))
     actor = Actor(cfg, model_path)

@@ -85,8 +85,17 @@ def test_config_field_and_replica_launch():
         engine = EngineConfig(kind="vllm", weight_transport=setting, dtype="bfloat16")
         from atropos_verl.config import ModelConfig
 
-        (replica,) = build_replicas(engine, ModelConfig(), "/nonexistent", log_dir=None)  # type: ignore[arg-type]
+        (replica,) = build_replicas(
+            engine,
+            ModelConfig(),
+            "/nonexistent",
+            "bfloat16",
+            log_dir=None,
+            access_token="t",  # type: ignore[arg-type]
+        )
         assert replica._spec.weight_transfer == expected
+        # Replicas the service starts answer only the run's token.
+        assert replica._spec.access_token == "t" and "--middleware" in replica.command(1)
     ipc = VLLMReplica(ReplicaSpec(model_path="m", served_model_name="m", weight_transfer="ipc"))
     assert ipc.environment()["VLLM_ALLOW_INSECURE_SERIALIZATION"] == "1"
 
