@@ -40,8 +40,13 @@ def test_unmodified_third_party_environments_train_through_the_launcher(tmp_path
             "engine=vllm",
             f"engine.gateway_port={gateway_port}",
             "data=third_party",
-            # One batch queued ahead per env at most, so no env crowds the others out of a short run.
-            *(f"data.envs.{i}.args=[--env.max_batches_offpolicy,1]" for i in range(len(ENVS))),
+            # Every batch holds groups of all three envs: atroposlib's API forms a batch only once each
+            # env with a minimum allocation has its share queued (echo sets 0.25 itself), and an env
+            # keeps sampling until its own share is queued, however full the shared queue is.
+            # Without this a fast env can fill the shared queue and hold a slower one back for a short run.
+            "trainer.batch_size=12",
+            *(f"data.envs.{i}.args=[--env.max_batches_offpolicy,1,--env.min_batch_allocation,0.3]" for i in (0, 1)),
+            "data.envs.2.args=[--env.max_batches_offpolicy,1]",
             "atropos.batch_timeout=300",
             "engine.dtype=float32",
             "engine.max_model_len=256",
