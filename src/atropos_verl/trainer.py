@@ -28,7 +28,14 @@ from atropos_verl.advantages import token_advantages
 from atropos_verl.assets import resolve_model_path
 from atropos_verl.atropos.batches import BatchSource
 from atropos_verl.atropos.client import AtroposClient, TrainerRegistration
-from atropos_verl.atropos.environments import EnvironmentFailedError, EnvLaunch, EnvSupervisor, ensure_api
+from atropos_verl.atropos.environments import (
+    EnvironmentFailedError,
+    EnvLaunch,
+    EnvSupervisor,
+    api_address,
+    ensure_api,
+)
+from atropos_verl.atropos.front import FrontCounters, TrajectoryFront
 from atropos_verl.batch import build_batch
 from atropos_verl.checkpoint import CheckpointDir, Progress, run_dir_lock
 from atropos_verl.config import RunConfig, check_device, compute_dtype
@@ -90,9 +97,12 @@ class Trainer:
             if replay:
                 logger.info("replaying %d fetched batches that no checkpoint includes", len(replay))
             api = await ensure_api(cfg.atropos, self.run_dir / "logs")
+            front = None
             if api is not None:
                 stack.callback(api.stop)
-            api_url = api.url if api is not None else cfg.atropos.api_url
+                host, port = api_address(cfg.atropos)
+                front = await stack.enter_async_context(TrajectoryFront(api.url, host, port, cfg.trainer.batch_size))
+            api_url = front.url if front is not None else cfg.atropos.api_url
             serving = serving_for(cfg.engine, cfg.model, model_path, compute_dtype(cfg.actor, device), self.run_dir)
             stack.push_async_callback(serving.stop)
             stack.push_async_callback(envs.stop)
@@ -124,11 +134,12 @@ class Trainer:
                 env_log_dir=envs.log_dir,
                 starvation_hint_after_s=cfg.atropos.starvation_hint_after,
             )
-            await self._train(source, policy, serving, limits, metrics_logger)
+            await self._train(source, front, policy, serving, limits, metrics_logger)
 
     async def _train(
         self,
         source: BatchSource,
+        front: Optional[TrajectoryFront],
         policy: Actor,
         serving: InferenceService | NoServing,
         limits: GroupLimits,
@@ -170,6 +181,10 @@ class Trainer:
                     progress.step, [t for g in validated.groups for t in g.tokens]
                 )
 
+                # Groups the front refused when they were posted count as rejected too.
+                refused = front.take_counters() if front is not None else FrontCounters()
+                rejected_since_step += refused.rejected
+                progress.groups_rejected_total += refused.rejected
                 metrics = {
                     **train_metrics,
                     **sync_metrics,
@@ -181,6 +196,8 @@ class Trainer:
                     "data/groups": len(validated.groups),
                     "data/groups_rejected": rejected_since_step,
                     "data/groups_rejected_total": progress.groups_rejected_total,
+                    "data/groups_refused_at_api": refused.rejected,
+                    "data/batches_served_again": refused.batches_served_again,
                     "timing/wait_s": step_start - wait_start,
                     "timing/train_s": train_s,
                     "timing/step_s": time.perf_counter() - step_start,

@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import time
+import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass
@@ -186,6 +187,82 @@ def bad_groups(tmp: Path) -> FaultResult:
     return result
 
 
+def _raw_group(env_id: int, size: int, score: str = "1.0", advantage: str | None = None) -> bytes:
+    """A group as JSON text, so NaN and Infinity go out as the literals Python's json (run-api) accepts."""
+    sequences = ", ".join(["[1, 2, 3]"] * size)
+    masks = ", ".join(["[-100, 2, 3]"] * size)
+    scores = ", ".join([score] + ["0.0"] * (size - 1))
+    body = f'{{"tokens": [{sequences}], "masks": [{masks}], "scores": [{scores}], "env_id": {env_id}'
+    if advantage is not None:
+        body += ', "advantages": [' + ", ".join([f"[0.0, 0.0, {advantage}]"] + ["[0.0, 0.0, 0.0]"] * (size - 1)) + "]"
+    return (body + "}").encode()
+
+
+# Groups that stall or break run-api's queue itself (batch size 8): the front the trainer puts
+# before its own run-api refuses them when they are posted.
+QUEUE_HAZARDS = {
+    "group larger than the batch": lambda env_id: _raw_group(env_id, 16),
+    "group size not dividing the batch": lambda env_id: _raw_group(env_id, 3),
+    "NaN score": lambda env_id: _raw_group(env_id, 4, score="NaN"),
+    "infinite advantage": lambda env_id: _raw_group(env_id, 4, advantage="Infinity"),
+}
+
+
+def _raw_post(url: str, path: str, body: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(url + path, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+    except OSError as err:  # nothing listens yet: the trainer is still starting its API
+        return 0, {"error": str(err)}
+
+
+def queue_hazards(tmp: Path) -> FaultResult:
+    """Groups that would stall or break run-api's queue, posted to the trainer's own API between good
+    ones. Counted end to end: the poster (this harness, registered as an environment) knows every good
+    group it posted, and the trainer's per-environment group counts must add up to exactly those."""
+    api_port, posted_good = free_port(), 8
+    url = f"http://127.0.0.1:{api_port}"
+    holder: dict = {}
+
+    def inject(marker: str) -> str:
+        registration = json.dumps(
+            {"max_token_length": 256, "desired_name": "poster", "weight": 1.0, "group_size": 4}
+        ).encode()
+        status, answer = _raw_post(url, "/register-env", registration)
+        deadline = time.monotonic() + 60
+        while answer.get("status") != "success" and time.monotonic() < deadline:
+            time.sleep(0.5)
+            status, answer = _raw_post(url, "/register-env", registration)
+        env_id = answer["env_id"]
+        codes = []
+        for i in range(posted_good):
+            good = {
+                "tokens": [[1, 10 + i, 20 + j, 30 + j] for j in range(4)],
+                "masks": [[-100, 10 + i, 20 + j, 30 + j] for j in range(4)],
+                "scores": [1.0, 0.0, 0.5, 0.25],
+                "env_id": env_id,
+            }
+            codes.append(_raw_post(url, "/scored_data", json.dumps(good).encode())[0])
+            hazard = list(QUEUE_HAZARDS.values())[i % len(QUEUE_HAZARDS)]
+            codes.append(_raw_post(url, "/scored_data", hazard(env_id))[0])
+        holder["env_id"], holder["codes"] = env_id, codes
+        return f"{posted_good} good groups posted between {posted_good} that would stall or break run-api"
+
+    overrides = [*base_overrides(api_port, steps=1), "atropos.start_api=always", "atropos.batch_timeout=120"]
+    code, log, recover_s, note, run_dir = _run_with_fault(tmp, "queue-hazards", overrides, 0, inject, steps=4)
+    steps = _steps(run_dir)
+    trained = sum(m.get(f"data/groups_env_{holder.get('env_id')}", 0) for m in steps)
+    refused = sum(m.get("data/groups_refused_at_api", 0) for m in steps)
+    result = _result("queue hazards", posted_good, code, run_dir, 4, recover_s, note)
+    result.groups_lost = posted_good - int(trained)
+    result.note += f"; {refused} refused at the API with HTTP 400, {trained} good groups trained"
+    result.survived = result.survived and refused == posted_good and holder.get("codes", [])[1::2] == [400] * 8
+    return result
+
+
 def env_crash(tmp: Path) -> FaultResult:
     """An environment process is killed (SIGKILL) mid-run."""
 
@@ -270,6 +347,7 @@ def replica_hang(tmp: Path) -> FaultResult:
 SCENARIOS = {
     "api_restart": api_restart,
     "bad_groups": bad_groups,
+    "queue_hazards": queue_hazards,
     "env_crash": env_crash,
     "trainer_sigkill": trainer_sigkill,
     "replica_crash": replica_crash,

@@ -72,7 +72,7 @@ def test_whole_system_restarts_a_killed_environment_and_stops_cleanly(tmp_path):
     assert killed is not None
     assert "environment parity[0] exited with status -9; restarting" in log_text
     assert "restarted environment parity[0]" in log_text
-    assert f"started the Atropos API at http://127.0.0.1:{api_port}" in log_text
+    assert f"started the Atropos API behind http://127.0.0.1:{api_port}" in log_text
     assert [m["step"] for m in read_metrics(run_dir / "metrics.jsonl")] == [1, 2, 3, 4]
 
     # Nothing the run started outlives it, and its ports are closed.

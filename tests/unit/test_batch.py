@@ -116,3 +116,20 @@ def test_padding_rows_carry_no_weight():
     assert all(sum(r) == 0 for r in padding)
     assert rows(batch, "input_ids")[2] == [20, 21, 22]
     assert torch.equal(batch["loss_mask"].values().sum(), torch.tensor(5.0))
+
+
+def test_sequence_mean_ignores_a_trained_mark_on_position_zero():
+    # Position 0 has no prediction: a mask marking it trained must neither get a weight nor
+    # dilute the 1/n_i of the tokens that are trained.
+    group = parse_group(
+        {"tokens": [[1, 2, 3], [4, 5, 6]], "masks": [[1, 2, 3], [-100, 5, 6]], "scores": [1.0, 0.0]}, "g", LIMITS
+    )
+    batch, stats = build_batch(
+        [group],
+        advantages_for(group, [1.0, 1.0]),
+        reduction="sequence-mean",
+        use_sampling_temperature=True,
+        pad_to_multiple=1,
+    )
+    assert rows(batch, "loss_mask") == [pytest.approx([0.5, 0.5, 0.0])] * 2
+    assert stats.num_trained_tokens == 4

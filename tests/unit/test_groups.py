@@ -165,3 +165,13 @@ def test_env_metrics_keep_finite_numbers_only():
     assert parse_group(raw, "g", LIMITS).env_metrics == {"correct": 0.5, "formatted": 1.0}
     raw["group_overrides"] = {"metrics": "not a dict"}
     assert parse_group(raw, "g", LIMITS).env_metrics == {}
+
+
+def test_a_sequence_of_exactly_max_token_len_is_accepted_and_one_more_rejected():
+    raw = good_group()
+    raw["tokens"][0] = [1] * LIMITS.max_token_len
+    raw["masks"][0] = [-100] + [1] * (LIMITS.max_token_len - 1)
+    assert parse_group(copy.deepcopy(raw), "g", LIMITS).tokens[0] == raw["tokens"][0]
+    raw["tokens"][0].append(1)
+    raw["masks"][0].append(1)
+    assert "exceeds max_token_len 16" in rejected(raw).reason

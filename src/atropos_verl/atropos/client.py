@@ -163,6 +163,7 @@ class AtroposClient:
         self.reregistrations = 0
         self.resets = 0
         self._session: aiohttp.ClientSession | None = None
+        self._unacked_batch: int | None = None
 
     async def __aenter__(self) -> AtroposClient:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.request_timeout_s))
@@ -336,8 +337,11 @@ class AtroposClient:
     # -- batches -----------------------------------------------------------------------------
 
     async def _batch_attempt(self) -> list[dict[str, Any]] | None:
+        # The project's front (atropos/front.py) serves a batch again until it is acknowledged;
+        # asking for the next one acknowledges the last, which BatchSource has spooled by then.
+        path = "/batch" if self._unacked_batch is None else f"/batch?ack={self._unacked_batch}"
         try:
-            body = await self._request_json("GET", "/batch")
+            body = await self._request_json("GET", path)
         except _TransientError as exc:
             if exc.status == 500:
                 raise _BatchEncodingFailed(exc.reason) from exc
@@ -345,12 +349,15 @@ class AtroposClient:
         if body.get("status") == "error":
             raise _RegistrationLost(f"GET /batch answered {body.get('message')!r}")
         if "batch" in body and body["batch"] is None:
+            self._unacked_batch = None
             return None
         batch = body.get("batch")
         if not isinstance(batch, list) or not batch or not all(isinstance(group, dict) for group in batch):
             raise _TransientError(
                 f"GET /batch returned no non-empty list of groups and no null 'batch': {_excerpt(json.dumps(body))}"
             )
+        batch_id = body.get("batch_id")
+        self._unacked_batch = batch_id if isinstance(batch_id, int) and not isinstance(batch_id, bool) else None
         return batch
 
     async def _fetch_batch(self) -> list[dict[str, Any]] | None:

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 from atropos_verl.atropos.api_server import ApiServerProcess, api_answers
 from atropos_verl.atropos.run_env import API_KEY_ENV
 from atropos_verl.config import AtroposConfig, DataConfig, EnvSpec, TrainerConfig
-from atropos_verl.netutil import log_tail
+from atropos_verl.netutil import free_port, log_tail
 from atropos_verl.procs import ChildProcess
 
 logger = logging.getLogger(__name__)
@@ -55,8 +55,19 @@ class EnvironmentFailedError(RuntimeError):
     """An environment kept exiting; the message names it and shows its last log lines."""
 
 
+def api_address(cfg: AtroposConfig) -> tuple[str, int]:
+    """Host and port the run's API answers on (``atropos.api_url``), for the front when we start the API."""
+    parts = urlsplit(cfg.api_url)
+    host = "127.0.0.1" if parts.hostname == "localhost" else parts.hostname
+    return host, parts.port or free_port(host)
+
+
 async def ensure_api(cfg: AtroposConfig, log_dir: Path) -> Optional[ApiServerProcess]:
-    """Start ``run-api`` at ``atropos.api_url`` if the config asks for it; returns the process we own."""
+    """Start ``run-api`` if the config asks for it; returns the process we own.
+
+    Ours listens on a private loopback port: the trainer puts the front (atropos/front.py) on
+    ``atropos.api_url`` before it, so environments never reach run-api's queue directly.
+    """
     mode = cfg.start_api
     if mode == "never":
         return None
@@ -69,13 +80,8 @@ async def ensure_api(cfg: AtroposConfig, log_dir: Path) -> Optional[ApiServerPro
             # Starting a server on another machine is not ours to do; the client will report it unreachable.
             return None
     log_dir.mkdir(parents=True, exist_ok=True)
-    server = await asyncio.to_thread(
-        ApiServerProcess.start,
-        host="127.0.0.1" if parts.hostname == "localhost" else parts.hostname,
-        port=parts.port,
-        log_path=log_dir / "run-api.log",
-    )
-    logger.info("started the Atropos API at %s (pid %d, log %s)", server.url, server.pid, server.log_path)
+    server = await asyncio.to_thread(ApiServerProcess.start, host="127.0.0.1", log_path=log_dir / "run-api.log")
+    logger.info("started the Atropos API behind %s (pid %d, log %s)", cfg.api_url, server.pid, server.log_path)
     return server
 
 
