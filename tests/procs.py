@@ -21,9 +21,9 @@ def train_command(*overrides: str, multirun: bool = False) -> list[str]:
     return [sys.executable, "-m", "atropos_verl.train", *flags, "hydra.searchpath=[file://tests/conf]", *overrides]
 
 
-def spawn(cmd: list[str], log_path: Path, marker: str | None = None) -> ChildProcess:
+def spawn(cmd: list[str], log_path: Path, marker: str | None = None, extra_env: dict | None = None) -> ChildProcess:
     """``cmd`` in its own process group (Ray's and vLLM's helpers included), run from the repository."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(extra_env or {})}
     if marker:
         env[MARKER] = marker
     Path(log_path).unlink(missing_ok=True)

@@ -15,6 +15,7 @@ exact tokens, masks and ``inference_logprobs`` from ``ManagedServer``. Run with:
 from __future__ import annotations
 
 from atroposlib.envs.base import APIServerConfig, BaseEnv, BaseEnvConfig, ScoredDataGroup
+from ledger import PostLedger
 from pydantic import Field
 
 from atropos_verl.envs.sampling import supervised_env_defaults
@@ -33,7 +34,7 @@ class ParityEnvConfig(BaseEnvConfig):
     temperature: float = Field(default=1.0, description="Sampling temperature")
 
 
-class ParityEnv(BaseEnv):
+class ParityEnv(PostLedger, BaseEnv):
     name = "parity"
     env_config_cls = ParityEnvConfig
 

@@ -27,6 +27,7 @@ import asyncio
 from typing import Optional
 
 from atroposlib.envs.base import APIServerConfig, BaseEnv, BaseEnvConfig, ScoredDataGroup
+from ledger import PostLedger
 from pydantic import Field
 
 from atropos_verl.envs.sampling import supervised_env_defaults
@@ -95,7 +96,7 @@ class ScriptedEnvConfig(BaseEnvConfig):
     )
 
 
-class ScriptedMultiTurnEnv(BaseEnv):
+class ScriptedMultiTurnEnv(PostLedger, BaseEnv):
     name = "scripted_multiturn"
     env_config_cls = ScriptedEnvConfig
 

@@ -2,31 +2,43 @@
 
 Each scenario starts `python -m atropos_verl.train` (tiny model) with its environments,
 injects one fault at a chosen step, lets the run finish and reports: whether it
-survived (or stopped with a clear message), how many fetched groups were lost or
-trained twice in the final model's lineage (from the trainer's spool), and how long
-recovery took (from the fault to the next training step).
+survived (or stopped with a clear message), how many groups were lost, how many were
+trained twice in the final model's lineage, and how long recovery took (from the fault
+to the next training step).
+
+Losses are counted end to end: the environments write down every group they posted
+(tests/envs/ledger.py), the harness adds what it posted itself, and the balance is
+posted = trained + rejected + still queued in the API at the end (+ what an API took
+with it when the fault killed it, read from the API just before). Trained and rejected
+come from the metrics of each step of the final run (a step replayed after a resume
+counts once). Double training is read from the spool's lineage.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
+import sys
 import time
 import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
-from procs import base_overrides, cmdline, processes_with_marker, spawn, train_command
+from procs import REPO, base_overrides, cmdline, processes_with_marker, spawn, train_command
 
 from atropos_verl.atropos import ApiServerProcess
 from atropos_verl.metrics import read_metrics
 from atropos_verl.netutil import free_port
 from atropos_verl.spool import lineage
+
+sys.path.insert(0, str(REPO / "tests" / "envs"))
+from ledger import LEDGER_ENV, posted_groups  # noqa: E402
 
 RUN_TIMEOUT_S = 720
 
@@ -45,6 +57,35 @@ class FaultResult:
 def _steps(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     return read_metrics(path) if path.exists() and path.stat().st_size else []
+
+
+def _final_steps(run_dir: Path) -> list[dict]:
+    """One record per step: a step trained again after a resume replaces the one the crash discarded."""
+    return list({m["step"]: m for m in _steps(run_dir)}.values())
+
+
+def _queued(api_url: str) -> int:
+    """Groups waiting in run-api's queue."""
+    with urllib.request.urlopen(f"{api_url}/status", timeout=10) as resp:
+        return int(json.loads(resp.read())["queue_size"])
+
+
+def _posted_before_reset(api_log: Path) -> int:
+    """Groups a restarted run-api accepted before the trainer's ``/reset_data`` cleared its lock-out.
+
+    Read from run-api's own access log: an environment that does not know the API restarted
+    keeps posting, the first post locks the API out of ``/register``, and the only way back
+    (``/reset_data``) drops what was queued.
+    """
+    lines = api_log.read_text().splitlines()
+    resets = [i for i, line in enumerate(lines) if '"GET /reset_data' in line]
+    if not resets:
+        return 0
+    return sum('"POST /scored_data HTTP/1.1" 200' in line for line in lines[: resets[-1]])
+
+
+def _ledger(run_dir: Path) -> Path:
+    return run_dir.parent / "posted.ledger"
 
 
 def _run_with_fault(
@@ -69,7 +110,7 @@ def _run_with_fault(
         f"trainer.run_dir={run_dir}",
         f"hydra.run.dir={tmp / name / 'hydra'}",
     )
-    trainer = spawn(cmd, log_path, marker)
+    trainer = spawn(cmd, log_path, marker, extra_env={LEDGER_ENV: str(_ledger(run_dir))})
     injected_at = recover_s = None
     note = ""
     try:
@@ -87,19 +128,57 @@ def _run_with_fault(
     return trainer.returncode(), log_path.read_text(), recover_s, note, run_dir
 
 
-def _result(fault: str, injected: int, code: int, run_dir: Path, steps: int, recover_s, note: str) -> FaultResult:
-    done = len({m["step"] for m in _steps(run_dir)})
+def _result(
+    fault: str,
+    injected: int,
+    code: int,
+    run_dir: Path,
+    steps: int,
+    recover_s,
+    note: str,
+    *,
+    api_url: Optional[str],
+    also_posted: int = 0,
+    dropped_with_api: int = 0,
+    dropped_by_reset: int = 0,
+) -> FaultResult:
+    """The run's end-to-end balance; ``api_url`` is the harness's own run-api, still up (None: the
+    run's own API ended with it, and a group still queued there shows as lost)."""
+    final = _final_steps(run_dir)
+    done = len(final)
+    posted = posted_groups(_ledger(run_dir)) + also_posted
+    trained = int(sum(m["data/groups"] for m in final))
+    rejected = int(sum(m["data/groups_rejected"] for m in final))
+    queued = _queued(api_url) if api_url is not None else 0
+    balance = posted - trained - rejected - queued - dropped_with_api - dropped_by_reset
     spool = run_dir / "spool.sqlite"
     audit = lineage(spool) if spool.exists() else None
+    note += f"; posted {posted} = trained {trained} + rejected {rejected} + queued {queued}"
+    if dropped_with_api:
+        note += f" + {dropped_with_api} in the killed API's memory"
+    if dropped_by_reset:
+        note += f" + {dropped_by_reset} dropped by the lock-out reset"
+    if balance:
+        note += f" ({balance:+d} unaccounted)"
     return FaultResult(
         fault=fault,
         injected=injected,
         survived=code == 0 and done == steps,
-        groups_lost=audit.groups_lost if audit else -1,
+        groups_lost=max(balance, 0),
         groups_double_trained=audit.groups_double_trained if audit else -1,
         recover_s=recover_s,
         note=note,
     )
+
+
+@contextlib.contextmanager
+def _own_api(tmp: Path, name: str) -> Iterator[ApiServerProcess]:
+    """A run-api the harness owns, so its queue can be read after the trainer is gone."""
+    api = ApiServerProcess.start(port=free_port(), log_path=tmp / f"{name}-api.log")
+    try:
+        yield api
+    finally:
+        api.stop()
 
 
 def scripted(api_port: int, extra: list[str] = (), env_args: str = "--env.pattern,score") -> list[str]:
@@ -119,7 +198,21 @@ def api_restart(tmp: Path) -> FaultResult:
     holder = {"api": ApiServerProcess.start(port=port, log_path=tmp / "api-restart-api-1.log")}
 
     def inject(marker: str) -> str:
-        holder["api"].stop()
+        # What the API takes with it is read while nothing posts or fetches: the environment and the
+        # trainer's main process are frozen, and the API is given a moment to finish what it received.
+        frozen = [
+            p for p in processes_with_marker(marker)
+            if "scripted_env.py" in cmdline(p) or "-m atropos_verl.train" in cmdline(p)
+        ]  # fmt: skip
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            time.sleep(0.5)
+            holder["dropped"] = _queued(holder["api"].url)
+            holder["api"].stop()
+        finally:
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
         time.sleep(2.0)
         holder["api"] = ApiServerProcess.start(port=port, log_path=tmp / "api-restart-api-2.log")
         return "API stopped for 2 s and restarted empty"
@@ -128,10 +221,14 @@ def api_restart(tmp: Path) -> FaultResult:
         code, log, recover_s, note, run_dir = _run_with_fault(
             tmp, "api-restart", scripted(port, ["atropos.start_api=never"]), 2, inject, steps=6
         )
+        note += "; trainer re-registered" if "Registering again" in log else "; no re-registration logged"
+        return _result(
+            "API restart", 1, code, run_dir, 6, recover_s, note,
+            api_url=holder["api"].url, dropped_with_api=holder.get("dropped", 0),
+            dropped_by_reset=_posted_before_reset(tmp / "api-restart-api-2.log"),
+        )  # fmt: skip
     finally:
         holder["api"].stop()
-    note += "; trainer re-registered" if "Registering again" in log else "; no re-registration logged"
-    return _result("API restart", 1, code, run_dir, 6, recover_s, note)
 
 
 # Groups the API accepts (its schema only checks types) but a trainer must not train on.
@@ -178,10 +275,13 @@ def bad_groups(tmp: Path) -> FaultResult:
             inject,
             steps=6,
         )
+        rejected = _steps(run_dir)[-1].get("data/groups_rejected_total", 0) if _steps(run_dir) else 0
+        result = _result(
+            "bad groups", len(BAD_GROUPS), code, run_dir, 6, recover_s, note,
+            api_url=api.url, also_posted=len(BAD_GROUPS),
+        )  # fmt: skip
     finally:
         api.stop()
-    rejected = _steps(run_dir)[-1].get("data/groups_rejected_total", 0) if _steps(run_dir) else 0
-    result = _result("bad groups", len(BAD_GROUPS), code, run_dir, 6, recover_s, note)
     result.note += f"; {rejected} rejected with a reason, training continued"
     result.survived = result.survived and rejected == len(BAD_GROUPS)
     return result
@@ -256,8 +356,10 @@ def queue_hazards(tmp: Path) -> FaultResult:
     steps = _steps(run_dir)
     trained = sum(m.get(f"data/groups_env_{holder.get('env_id')}", 0) for m in steps)
     refused = sum(m.get("data/groups_refused_at_api", 0) for m in steps)
-    result = _result("queue hazards", posted_good, code, run_dir, 4, recover_s, note)
-    result.groups_lost = posted_good - int(trained)
+    result = _result(
+        "queue hazards", posted_good, code, run_dir, 4, recover_s, note, api_url=None, also_posted=2 * posted_good
+    )
+    result.groups_lost = max(result.groups_lost, posted_good - int(trained))
     result.note += f"; {refused} refused at the API with HTTP 400, {trained} good groups trained"
     result.survived = result.survived and refused == posted_good and holder.get("codes", [])[1::2] == [400] * 8
     return result
@@ -272,22 +374,21 @@ def env_crash(tmp: Path) -> FaultResult:
             os.kill(pid, signal.SIGKILL)
         return f"environment pid {pids} killed"
 
-    code, log, recover_s, note, run_dir = _run_with_fault(
-        tmp,
-        "env-crash",
-        scripted(free_port(), env_args="--env.pattern,score,--env.max_batches_offpolicy,1"),
-        2,
-        inject,
-        steps=6,
-    )
-    note += "; restarted by the supervisor" if "restarted environment scripted[0]" in log else "; NOT restarted"
-    return _result("environment crash", 1, code, run_dir, 6, recover_s, note)
+    with _own_api(tmp, "env-crash") as api:
+        code, log, recover_s, note, run_dir = _run_with_fault(
+            tmp,
+            "env-crash",
+            scripted(api.port, ["atropos.start_api=never"], "--env.pattern,score,--env.max_batches_offpolicy,1"),
+            2,
+            inject,
+            steps=6,
+        )
+        note += "; restarted by the supervisor" if "restarted environment scripted[0]" in log else "; NOT restarted"
+        return _result("environment crash", 1, code, run_dir, 6, recover_s, note, api_url=api.url)
 
 
 def trainer_sigkill(tmp: Path) -> FaultResult:
     """The trainer's whole process group is SIGKILLed after step 3 (checkpoint at 2), then restarted."""
-    port = free_port()
-    overrides = scripted(port)
 
     def inject(marker: str) -> str:
         for pid in processes_with_marker(marker):
@@ -295,30 +396,26 @@ def trainer_sigkill(tmp: Path) -> FaultResult:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        return "trainer, Ray, API and environment SIGKILLed after step 3"
+        return "trainer, Ray and environment SIGKILLed after step 3 (the API is the harness's)"
 
-    code, _, _, note, run_dir = _run_with_fault(tmp, "trainer-kill", overrides, 3, inject, steps=6)
-    killed_at = time.monotonic()
-    # Same run directory: trainer.resume=auto continues from the checkpoint and replays the spool.
-    code, log, _, _, _ = _run_with_fault(tmp, "trainer-kill", overrides, 10**6, lambda m: "", steps=6)
-    recover_s = time.monotonic() - killed_at
-    steps_after = sorted({m["step"] for m in _steps(run_dir)})
-    # Step 3's batch, and the next one if it was fetched before the kill, are newer than the checkpoint.
-    replayed = re.search(r"replaying (\d+) fetched batches", log)
-    note += f"; resumed from step 2, replayed {replayed.group(1)} fetched batch(es)" if replayed else "; no replay"
-    result = _result("trainer SIGKILL", 1, code, run_dir, 6, recover_s, note)
+    with _own_api(tmp, "trainer-kill") as api:
+        overrides = scripted(api.port, ["atropos.start_api=never"])
+        code, _, _, note, run_dir = _run_with_fault(tmp, "trainer-kill", overrides, 3, inject, steps=6)
+        killed_at = time.monotonic()
+        # Same run directory: trainer.resume=auto continues from the checkpoint and replays the spool.
+        code, log, _, _, _ = _run_with_fault(tmp, "trainer-kill", overrides, 10**6, lambda m: "", steps=6)
+        recover_s = time.monotonic() - killed_at
+        steps_after = sorted({m["step"] for m in _steps(run_dir)})
+        # Step 3's batch, and the next one if it was fetched before the kill, are newer than the checkpoint.
+        replayed = re.search(r"replaying (\d+) fetched batches", log)
+        note += f"; resumed from step 2, replayed {replayed.group(1)} fetched batch(es)" if replayed else "; no replay"
+        result = _result("trainer SIGKILL", 1, code, run_dir, 6, recover_s, note, api_url=api.url)
     result.survived = result.survived and steps_after == list(range(1, 7))
     return result
 
 
 def _replica_fault(tmp: Path, name: str, sig: signal.Signals, label: str) -> FaultResult:
     gateway_port = free_port()
-    overrides = [
-        *base_overrides(free_port(), steps=1),
-        "engine=vllm", "data=parity", "data.envs.0.args=[--env.max_batches_offpolicy,1]",
-        "engine.dtype=float32", "engine.max_model_len=256", "engine.gpu_memory_utilization=0.4",
-        f"engine.gateway_port={gateway_port}", "engine.health_interval=2", "engine.health_failures=2",
-    ]  # fmt: skip
 
     def inject(marker: str) -> str:
         servers = [p for p in processes_with_marker(marker) if "vllm.entrypoints.openai.api_server" in cmdline(p)]
@@ -326,10 +423,17 @@ def _replica_fault(tmp: Path, name: str, sig: signal.Signals, label: str) -> Fau
             os.kill(pid, sig)
         return f"vLLM server pid {servers} sent {sig.name}"
 
-    code, log, recover_s, note, run_dir = _run_with_fault(tmp, name, overrides, 1, inject, steps=4)
-    restarts = max((m.get("sync/replicas_restarted", 0) for m in _steps(run_dir)), default=0)
-    note += f"; replica restarted {restarts}x and re-synced before serving"
-    result = _result(label, 1, code, run_dir, 4, recover_s, note)
+    with _own_api(tmp, name) as api:
+        overrides = [
+            *base_overrides(api.port, steps=1), "atropos.start_api=never",
+            "engine=vllm", "data=parity", "data.envs.0.args=[--env.max_batches_offpolicy,1]",
+            "engine.dtype=float32", "engine.max_model_len=256", "engine.gpu_memory_utilization=0.4",
+            f"engine.gateway_port={gateway_port}", "engine.health_interval=2", "engine.health_failures=2",
+        ]  # fmt: skip
+        code, log, recover_s, note, run_dir = _run_with_fault(tmp, name, overrides, 1, inject, steps=4)
+        restarts = max((m.get("sync/replicas_restarted", 0) for m in _steps(run_dir)), default=0)
+        note += f"; replica restarted {restarts}x and re-synced before serving"
+        result = _result(label, 1, code, run_dir, 4, recover_s, note, api_url=api.url)
     result.survived = result.survived and restarts >= 1
     return result
 
