@@ -251,6 +251,10 @@ class EngineConfig:
     dtype: str = _f("auto", choices=("auto", "float32", "bfloat16", "float16"))
     # Free accelerator memory while the trainer trains (colocated GPUs).
     sleep_during_training: bool = False
+    # colocate: replicas share the trainer's GPUs; split: replicas on engine.gpus (empty: the
+    # GPUs after the trainer's), which the trainer's ranks never touch. See placement.py.
+    placement: str = _f("colocate", choices=("colocate", "split"))
+    gpus: list[int] = _f([])
     startup_timeout: float = _f(900.0, gt=0)
     extra_args: list[str] = _f([])
     gateway_host: str = "127.0.0.1"

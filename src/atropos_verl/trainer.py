@@ -42,6 +42,7 @@ from atropos_verl.config import RunConfig, check_device, compute_dtype
 from atropos_verl.groups import GroupLimits, validate_batch
 from atropos_verl.metrics import MetricsLogger, env_group_counts, reward_metrics
 from atropos_verl.modelinfo import model_info
+from atropos_verl.placement import Placement, node_gpus, resolve_placement
 from atropos_verl.policy.actor import Actor, resolve_device
 from atropos_verl.report import ProgressBar, finish
 from atropos_verl.serving.service import InferenceService, NoServing, serving_for
@@ -65,6 +66,8 @@ class Trainer:
         self.signals.install()
         device = resolve_device(cfg.trainer.device)
         check_device(cfg, device)
+        # Before anything starts: more GPUs asked for than visible fails here, not inside verl.
+        placement = resolve_placement(cfg.trainer, cfg.engine, device, node_gpus() if device == "cuda" else [])
         started_at = time.monotonic()
         model_path = resolve_model_path(cfg.model.path)
         limits = GroupLimits(
@@ -75,7 +78,7 @@ class Trainer:
         # Before anything starts: a missing environment script fails the run in seconds.
         envs = EnvSupervisor(cfg.data, self.run_dir / "envs")
         try:
-            await self._run(model_path, device, limits, resume_step, envs)
+            await self._run(model_path, device, limits, resume_step, envs, placement)
         except asyncio.CancelledError:
             # An environment that cannot start cancels the run (see EnvSupervisor): say which.
             if envs.failure is not None and self.signals.received is None:
@@ -85,7 +88,13 @@ class Trainer:
         return self.run_dir
 
     async def _run(
-        self, model_path: str, device: str, limits: GroupLimits, resume_step: Optional[int], envs: EnvSupervisor
+        self,
+        model_path: str,
+        device: str,
+        limits: GroupLimits,
+        resume_step: Optional[int],
+        envs: EnvSupervisor,
+        placement: Placement,
     ) -> None:
         """Start what the run needs (stopped again in reverse order, whatever happens), then train."""
         cfg = self.cfg
@@ -103,7 +112,9 @@ class Trainer:
                 host, port = api_address(cfg.atropos)
                 front = await stack.enter_async_context(TrajectoryFront(api.url, host, port, cfg.trainer.batch_size))
             api_url = front.url if front is not None else cfg.atropos.api_url
-            serving = serving_for(cfg.engine, cfg.model, model_path, compute_dtype(cfg.actor, device), self.run_dir)
+            serving = serving_for(
+                cfg.engine, cfg.model, model_path, compute_dtype(cfg.actor, device), self.run_dir, placement
+            )
             stack.push_async_callback(serving.stop)
             stack.push_async_callback(envs.stop)
             client = await stack.enter_async_context(self._client(api_url))

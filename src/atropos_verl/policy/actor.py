@@ -30,6 +30,7 @@ from verl.utils import tensordict_utils as tu
 from atropos_verl.batch import pack_sequences
 from atropos_verl.config import RunConfig
 from atropos_verl.loss import verl_policy_loss
+from atropos_verl.placement import node_gpus, resolve_placement
 from atropos_verl.policy.verl_config import training_worker_config
 from atropos_verl.policy.worker import PolicyWorker
 
@@ -109,7 +110,19 @@ def ensure_ray(cfg: RunConfig, device: str) -> Optional[LocalRay]:
         return None
     token_folder = None if "RAY_AUTH_MODE" in os.environ else _require_ray_token()
     num_cpus = cfg.trainer.ray_num_cpus or max(os.cpu_count() or 1, cfg.trainer.world_size)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env_vars})
+    placement = resolve_placement(cfg.trainer, cfg.engine, device, node_gpus() if device == "cuda" else [])
+    # Split placement: Ray's raylet (started now, inheriting this environment) sees only the
+    # trainer's GPUs, so verl cannot put a rank on a replica's GPU.
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if placement.ray_visible_devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = placement.ray_visible_devices
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env_vars})
+    finally:
+        if visible is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible
     return LocalRay(token_folder)
 
 

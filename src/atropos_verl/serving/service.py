@@ -17,6 +17,7 @@ from typing import Optional
 
 from atropos_verl.assets import BUILTIN_PREFIX
 from atropos_verl.config import EngineConfig, ModelConfig
+from atropos_verl.placement import CPU_PLACEMENT, Placement
 from atropos_verl.serving.gateway import Gateway
 from atropos_verl.serving.replicas import EngineError, InferenceReplica, ReplicaSpec
 from atropos_verl.serving.replicas.access import TOKEN_HEADER
@@ -43,7 +44,13 @@ def served_model_name(model: ModelConfig, model_path: str) -> str:
 
 
 def build_replicas(
-    engine: EngineConfig, model: ModelConfig, model_path: str, dtype: str, log_dir: Path, access_token: str | None
+    engine: EngineConfig,
+    model: ModelConfig,
+    model_path: str,
+    dtype: str,
+    log_dir: Path,
+    access_token: str | None,
+    placement: Placement = CPU_PLACEMENT,
 ) -> list[InferenceReplica]:
     replicas: list[InferenceReplica] = []
     for index in range(engine.replicas):
@@ -59,6 +66,7 @@ def build_replicas(
             weight_transfer="ipc" if engine.kind == "vllm" and engine.weight_transport != "folder" else "folder",
             extra_args=list(engine.extra_args),
             access_token=access_token if engine.kind == "vllm" else None,
+            env=placement.replica_env(index),
         )
         if engine.kind == "vllm":
             from atropos_verl.serving.replicas.vllm import VLLMReplica
@@ -103,12 +111,22 @@ class NoServing:
 class InferenceService:
     """Replicas + gateway + weight sync for ``engine=vllm|sglang``; :class:`NoServing` has the same face."""
 
-    def __init__(self, engine: EngineConfig, model: ModelConfig, model_path: str, trainer_dtype: str, run_dir: Path):
+    def __init__(
+        self,
+        engine: EngineConfig,
+        model: ModelConfig,
+        model_path: str,
+        trainer_dtype: str,
+        run_dir: Path,
+        placement: Placement = CPU_PLACEMENT,
+    ):
         self.engine = engine
         self.dtype = engine_dtype(engine, trainer_dtype)
         # Only this process and its gateway may reach the replicas (their dev routes included).
         replica_token = secrets.token_urlsafe(32)
-        self.replicas = build_replicas(engine, model, model_path, self.dtype, run_dir / "engines", replica_token)
+        self.replicas = build_replicas(
+            engine, model, model_path, self.dtype, run_dir / "engines", replica_token, placement
+        )
         self.model_name = served_model_name(model, model_path)
         api_key = os.environ.get(engine.api_key_env) if engine.api_key_env else None
         if engine.api_key_env and not api_key:
@@ -272,9 +290,14 @@ class InferenceService:
 
 
 def serving_for(
-    engine: EngineConfig, model: ModelConfig, model_path: str, trainer_dtype: str, run_dir: Path
+    engine: EngineConfig,
+    model: ModelConfig,
+    model_path: str,
+    trainer_dtype: str,
+    run_dir: Path,
+    placement: Placement = CPU_PLACEMENT,
 ) -> InferenceService | NoServing:
     """What the run serves the policy with: replicas behind a gateway, or nothing (``engine=external``)."""
     if engine.kind == "external":
         return NoServing()
-    return InferenceService(engine, model, model_path, trainer_dtype, run_dir)
+    return InferenceService(engine, model, model_path, trainer_dtype, run_dir, placement)
