@@ -277,6 +277,12 @@ class EngineConfig:
     # is restarted and given the current weights before it serves again.
     health_interval: float = _f(10.0, gt=0)
     health_failures: int = _f(3, ge=1)
+    # SGLang only. Its interpreter (SGLang needs its own venv: `make sglang-cpu` builds one);
+    # null: $ATROPOS_VERL_SGLANG_PYTHON, else the trainer's own.
+    python: Optional[str] = None
+    # SGLang's --attention-backend; null: triton on CUDA (SGLang's own pick on Hopper, FA3, is left out
+    # of pruned builds), torch_native on CPU.
+    attention_backend: Optional[str] = None
 
     def validate(self) -> None:
         check_fields(self, "engine")
@@ -448,6 +454,13 @@ class RunConfig:
             "actor.ulysses_sequence_parallel_size",
             f"> 1 needs model.attn_implementation=flash_attention_2 (got {self.model.attn_implementation!r})",
         )
+        for index, env in enumerate(self.data.envs):
+            # SGLang replicas answer /generate only in SGLang's format (the gateway passes it through).
+            _require(
+                self.engine.kind != "sglang" or env.server_type != "vllm",
+                f"data.envs[{index}].server_type",
+                f"environment {env.name!r} speaks vllm, which engine.kind=sglang does not serve: use sglang or openai",
+            )
         _require(
             self.engine.kind == "external" or self.engine.max_model_len >= self.trainer.max_token_len,
             "engine.max_model_len",

@@ -323,3 +323,39 @@ def sglang_response(completion: dict[str, Any], request: SglangRequest, version:
         items.append({"text": choice["text"], "output_ids": ids, "meta_info": meta, "policy_version": version})
     # SGLang answers a single prompt with n == 1 with one object, with n > 1 with a list.
     return items[0] if len(items) == 1 else items
+
+
+# --- SGLang backends ---------------------------------------------------------------------
+# An SGLang replica speaks the SGLang format itself: the request is checked as above and
+# forwarded to its /generate, and only the policy version is stamped on the answer.
+
+
+def sglang_native_request(body: dict[str, Any], model: str) -> tuple[dict[str, Any], SglangRequest]:
+    """The body an SGLang backend's /generate gets, and the checked request (for check_sampling and rid)."""
+    checked = sglang_request(body, model)
+    native: dict[str, Any] = {
+        "sampling_params": {k: v for k, v in (body.get("sampling_params") or {}).items() if v is not None},
+        "return_logprob": checked.return_logprob,
+        "stream": False,
+    }
+    if "input_ids" in body:
+        native["input_ids"] = body["input_ids"]
+    else:
+        native["text"] = body["text"]
+    # rid is left to the backend: SGLang refuses a rid it already runs, and n > 1 needs one per sample.
+    return native, checked
+
+
+def sglang_native_response(answer: Any, request: SglangRequest, version: int, backend_url: str) -> Any:
+    """The backend's answer (one object, or a list for n > 1) with the gateway's policy version stamped in."""
+    items = answer if isinstance(answer, list) else [answer]
+    if not items or not all(isinstance(item, dict) and isinstance(item.get("meta_info"), dict) for item in items):
+        message = f"backend {backend_url} sent an unexpected /generate answer (is it SGLang?)"
+        raise HttpError(502, "bad_gateway", message)
+    for i, item in enumerate(items):
+        meta = item["meta_info"]
+        if request.rid is not None:
+            meta["id"] = request.rid if len(items) == 1 else f"{request.rid}-{i}"
+        meta["weight_version"] = str(version)
+        item["policy_version"] = version
+    return answer
