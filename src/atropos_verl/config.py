@@ -454,13 +454,6 @@ class RunConfig:
             "actor.ulysses_sequence_parallel_size",
             f"> 1 needs model.attn_implementation=flash_attention_2 (got {self.model.attn_implementation!r})",
         )
-        for index, env in enumerate(self.data.envs):
-            # SGLang replicas answer /generate only in SGLang's format (the gateway passes it through).
-            _require(
-                self.engine.kind != "sglang" or env.server_type != "vllm",
-                f"data.envs[{index}].server_type",
-                f"environment {env.name!r} speaks vllm, which engine.kind=sglang does not serve: use sglang or openai",
-            )
         _require(
             self.engine.kind == "external" or self.engine.max_model_len >= self.trainer.max_token_len,
             "engine.max_model_len",

@@ -23,6 +23,7 @@ import pytest
 from atroposlib.envs.server_handling.server_baseline import APIServerConfig
 from atroposlib.envs.server_handling.server_manager import ServerManager
 from atroposlib.envs.server_handling.sglang_server import SGLangServer
+from atroposlib.envs.server_handling.vllm_server import VLLMServer
 
 from atropos_verl.serving.gateway import POLICY_VERSION_HEADER, Gateway
 from atropos_verl.serving.replicas import EngineError, ReplicaSpec, SGLangReplica
@@ -341,10 +342,10 @@ def test_atroposlib_sglang_client_through_the_gateway(live: Live, tiny_model: st
                     assert resp.status == 200 and resp.headers[POLICY_VERSION_HEADER] == "7"
                 assert answer["policy_version"] == 7 and answer["meta_info"]["weight_version"] == "7"
                 assert answer["meta_info"]["id"] == "r-1"
-                vllm_body = {"prompt": {"prompt_token_ids": prompt_ids}, "max_tokens": 2}
+                vllm_body = {"prompt": {"prompt_token_ids": prompt_ids}, "max_tokens": 2, "prompt_logprobs": 1}
                 async with session.post(f"{gateway.url}/generate", json=vllm_body) as resp:
                     refusal = await resp.json()
-                    assert resp.status == 400 and "server_type sglang" in refusal["error"]["message"]
+                    assert resp.status == 400 and "prompt_logprobs" in refusal["error"]["message"]
                 completion = {"model": ENV_MODEL_NAME, "prompt": PROMPT, "max_tokens": 3, "temperature": 0}
                 async with session.post(f"{gateway.url}/v1/completions", json=completion) as resp:
                     payload = await resp.json()
@@ -354,12 +355,40 @@ def test_atroposlib_sglang_client_through_the_gateway(live: Live, tiny_model: st
     live.run(scenario(), timeout_s=120)
 
 
-def test_managed_server_chat_through_the_gateway(live: Live, tiny_model: str) -> None:
-    """The path most environments take: ServerManager -> ManagedServer -> /generate (SGLang format)."""
+def test_atroposlib_vllm_client_is_translated_for_sglang(live: Live, tiny_model: str, prompt_ids: list[int]) -> None:
+    """Data configs default to server_type vllm: the gateway turns that format into SGLang's and back."""
 
     async def scenario() -> None:
         async with running_gateway(live) as gateway:
-            manager = ServerManager([client_config(gateway, tiny_model, "sglang")])
+            server = VLLMServer(client_config(gateway, tiny_model, "vllm"))
+            try:
+                _, outputs, logprobs, finish = await server.tokens_and_logprobs_completion(
+                    prompt=PROMPT, n=2, max_tokens=5, temperature=1.0
+                )
+                assert len(outputs) == len(logprobs) == len(finish) == 2
+                for ids, lps in zip(outputs, logprobs):
+                    assert 1 <= len(ids) <= 5 and len(lps) == len(ids) and all(lp <= 0.0 for lp in lps)
+                assert all(reason in ("length", "stop") for reason in finish)
+                _, [greedy_ids], [greedy_lps], [reason] = await server.tokens_and_logprobs_completion(
+                    input_ids=prompt_ids, max_tokens=5, temperature=0.0
+                )
+            finally:
+                await stop_health_checks([server])
+        direct = await live.generate(prompt_ids, max_new_tokens=5, temperature=0.0)
+        assert greedy_ids == direct["output_ids"]
+        assert greedy_lps == [lp for lp, _, _ in direct["meta_info"]["output_token_logprobs"]]
+        assert reason == direct["meta_info"]["finish_reason"]["type"]
+
+    live.run(scenario(), timeout_s=120)
+
+
+@pytest.mark.parametrize("server_type", ["sglang", "vllm"])
+def test_managed_server_chat_through_the_gateway(live: Live, tiny_model: str, server_type: str) -> None:
+    """The path most environments take: ServerManager -> ManagedServer -> /generate."""
+
+    async def scenario() -> None:
+        async with running_gateway(live) as gateway:
+            manager = ServerManager([client_config(gateway, tiny_model, server_type)])
             try:
                 tokenizer = manager.servers[0].tokenizer
                 async with manager.managed_server(tokenizer=tokenizer) as managed:

@@ -14,8 +14,8 @@ Routes:
 - ``POST /generate``: the two native formats atroposlib's ``vllm`` and ``sglang`` server
   types speak. For vLLM replicas both are translated to the backend's ``/v1/completions``
   with token-id prompts, the sampled tokens' logprobs and exact token ids; SGLang replicas
-  get the SGLang format, checked the same way, on their own ``/generate`` (the vLLM format
-  is refused there with a 400 naming the fix).
+  get the SGLang format, checked the same way, on their own ``/generate``, and the vLLM
+  format translated to it (``prompt_logprobs`` excepted).
 
 Every response carries ``X-Policy-Version``; ``/generate`` bodies also carry
 ``policy_version``. The version is the one current when the request was admitted: the
@@ -43,11 +43,13 @@ from atropos_verl.netutil import http_url
 from atropos_verl.serving.generate_formats import (
     HttpError,
     check_sampling,
+    sglang_answer_as_completion,
     sglang_native_request,
     sglang_native_response,
     sglang_request,
     sglang_response,
     vllm_request,
+    vllm_request_for_sglang,
     vllm_response,
 )
 
@@ -420,15 +422,19 @@ class Gateway:
         return web.json_response(result, headers={POLICY_VERSION_HEADER: str(version)})
 
     async def _generate_on_sglang(self, body: dict[str, Any]) -> web.Response:
-        if "input_ids" not in body and "text" not in body:
+        if "prompt" in body:
+            native, vllm_checked = vllm_request_for_sglang(body, self._model_name)
+            check_sampling(vllm_checked.completion, self._max_model_len)
+        elif "input_ids" in body or "text" in body:
+            native, checked = sglang_native_request(body, self._model_name)
+            check_sampling(checked.completion, self._max_model_len)
+        else:
             raise HttpError(
                 400,
                 "invalid_request",
-                'these replicas are SGLang: /generate takes the SGLang format ("input_ids" or "text", with '
-                '"sampling_params"); an environment with server_type vllm should use server_type sglang or openai',
+                'unrecognised /generate body: expected the vLLM format ("prompt": {"prompt_token_ids": [...]}) '
+                'or the SGLang format ("input_ids" or "text", with "sampling_params")',
             )
-        native, checked = sglang_native_request(body, self._model_name)
-        check_sampling(checked.completion, self._max_model_len)
         async with self._admitted() as version:
             reply = await self._dispatch("/generate", native, _read_reply)
         if reply.status != 200:
@@ -436,8 +442,14 @@ class Gateway:
         try:
             answer = json.loads(reply.body)
         except ValueError:
-            raise HttpError(502, "bad_gateway", f"backend {reply.backend_url} sent a /generate answer that is not JSON")
-        result = sglang_native_response(answer, checked, version, reply.backend_url)
+            message = f"backend {reply.backend_url} sent a /generate answer that is not JSON"
+            raise HttpError(502, "bad_gateway", message) from None
+        if "prompt" in body:
+            prompt = native.get("input_ids", native.get("text"))
+            completion = sglang_answer_as_completion(answer, prompt, reply.backend_url)
+            result = vllm_response(completion, vllm_checked, version, reply.backend_url)
+        else:
+            result = sglang_native_response(answer, checked, version, reply.backend_url)
         return web.json_response(result, headers={POLICY_VERSION_HEADER: str(version)})
 
 
