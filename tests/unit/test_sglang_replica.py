@@ -161,3 +161,9 @@ def test_load_weights_needs_a_safetensors_folder(tmp_path):
     replica = SGLangReplica(spec())
     with pytest.raises(EngineError, match="no \\*.safetensors"):
         asyncio.run(replica.load_weights(str(tmp_path), 1))
+
+
+def test_a_missing_interpreter_is_named_with_the_fix(tmp_path):
+    replica = SGLangReplica(spec(), name="sglang-3", python=str(tmp_path / "no-python"))
+    with pytest.raises(EngineError, match="sglang-3.*no-python does not exist.*make sglang-cpu"):
+        asyncio.run(replica.start(5))

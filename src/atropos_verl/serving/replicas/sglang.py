@@ -140,6 +140,14 @@ class SGLangReplica(ServerReplica):
         env.update(self._spec.env)
         return env
 
+    async def start(self, timeout_s: float) -> None:
+        if not Path(self.python).is_file():
+            raise EngineError(
+                f"{self}: SGLang's interpreter {self.python} does not exist: build it with `make sglang-cpu` "
+                f"(CPU) or name one with SGLang installed in engine.python or ${PYTHON_ENV}"
+            )
+        await super().start(timeout_s)
+
     async def _after_start(self) -> None:
         self._released = ()
 
