@@ -14,7 +14,15 @@ PYTEST_ARGS ?=
 export ATROPOS_VERL_CACHE := $(CACHE_DIR)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install models lint test test-unit test-slow faults demo clean-venv
+# SGLang (engine=sglang) runs in a venv of its own, keyed the same way on its lock and the
+# CPU install kit (stubs and patch); `make sglang-cpu` prints its interpreter.
+SGLANG_LOCK := requirements/sglang-cpu.lock
+SGLANG_KIT  := $(SGLANG_LOCK) $(wildcard scripts/sglang_cpu/*)
+SGLANG_HASH := $(shell cat $(SGLANG_KIT) | sha256sum | cut -c1-16)
+SGLANG_VENV := $(CACHE_DIR)/sglang-cpu-$(SGLANG_HASH)
+export ATROPOS_VERL_SGLANG_PYTHON ?= $(SGLANG_VENV)/bin/python
+
+.PHONY: install models lint test test-unit test-slow test-sglang sglang-cpu faults demo clean-venv
 
 $(VENV)/.complete: $(LOCK) scripts/build_venv.sh
 	bash scripts/build_venv.sh "$(PYTHON)" "$(VENV)" "$(LOCK)"
@@ -34,13 +42,23 @@ lint: install
 	$(PY) -m ruff format --check src tests bench experiments
 
 test: lint models
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not sglang" $(PYTEST_ARGS)
 
 test-unit: install
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 test-slow: models
-	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+	$(PY) -m pytest -m "slow and not sglang" $(PYTEST_ARGS)
+
+$(SGLANG_VENV)/.complete: $(SGLANG_KIT)
+	bash scripts/sglang_cpu/install.sh "$(PYTHON)" "$(SGLANG_VENV)" "$(SGLANG_LOCK)"
+
+sglang-cpu: $(SGLANG_VENV)/.complete
+	@echo "SGLang (CPU): $(SGLANG_VENV)/bin/python"
+
+# The tests against a live SGLang-CPU server (replica, sync, gateway, trainer end to end).
+test-sglang: models sglang-cpu
+	$(PY) -m pytest -m sglang $(PYTEST_ARGS)
 
 # Every fault injected into a CPU run; prints the table (fault, survived, groups lost/double-trained, recovery).
 faults: models

@@ -26,3 +26,16 @@ def tiny_model() -> str:
     from atropos_verl.assets import tiny_llama
 
     return str(tiny_llama())
+
+
+@pytest.fixture(scope="session")
+def sglang_python() -> str:
+    """SGLang's interpreter (its own venv, `make sglang-cpu`); the sglang-marked tests fail loudly without it."""
+    import os
+
+    from atropos_verl.serving.replicas.sglang import PYTHON_ENV
+
+    python = os.environ.get(PYTHON_ENV)
+    if not python or not Path(python).is_file():
+        pytest.fail(f"{PYTHON_ENV} must name SGLang's python (run these tests with `make test-sglang`), got {python!r}")
+    return python

@@ -281,6 +281,12 @@ class EngineConfig:
     # is restarted and given the current weights before it serves again.
     health_interval: float = _f(10.0, gt=0)
     health_failures: int = _f(3, ge=1)
+    # SGLang only. Its interpreter (SGLang needs its own venv: `make sglang-cpu` builds one);
+    # null: $ATROPOS_VERL_SGLANG_PYTHON, else the trainer's own.
+    python: Optional[str] = None
+    # SGLang's --attention-backend; null: triton on CUDA (SGLang's own pick on Hopper, FA3, is left out
+    # of pruned builds), torch_native on CPU.
+    attention_backend: Optional[str] = None
 
     def validate(self) -> None:
         check_fields(self, "engine")

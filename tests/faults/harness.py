@@ -414,21 +414,28 @@ def trainer_sigkill(tmp: Path) -> FaultResult:
     return result
 
 
-def _replica_fault(tmp: Path, name: str, sig: signal.Signals, label: str) -> FaultResult:
+# What names an engine's server process (not its workers) on its command line.
+_SERVER_MARKS = {"vllm": "vllm.entrypoints.openai.api_server", "sglang": "sglang_launcher/launch.py"}
+
+
+def _replica_fault(
+    tmp: Path, name: str, sig: signal.Signals, label: str, engine: str = "vllm", engine_args: list[str] = ()
+) -> FaultResult:
     gateway_port = free_port()
 
     def inject(marker: str) -> str:
-        servers = [p for p in processes_with_marker(marker) if "vllm.entrypoints.openai.api_server" in cmdline(p)]
+        servers = [p for p in processes_with_marker(marker) if _SERVER_MARKS[engine] in cmdline(p)]
         for pid in servers:
             os.kill(pid, sig)
-        return f"vLLM server pid {servers} sent {sig.name}"
+        return f"{engine} server pid {servers} sent {sig.name}"
 
     with _own_api(tmp, name) as api:
         overrides = [
             *base_overrides(api.port, steps=1), "atropos.start_api=never",
-            "engine=vllm", "data=parity", "data.envs.0.args=[--env.max_batches_offpolicy,1]",
+            f"engine={engine}", "data=parity", "data.envs.0.args=[--env.max_batches_offpolicy,1]",
             "engine.dtype=float32", "engine.max_model_len=256", "engine.gpu_memory_utilization=0.4",
             f"engine.gateway_port={gateway_port}", "engine.health_interval=2", "engine.health_failures=2",
+            *engine_args,
         ]  # fmt: skip
         code, log, recover_s, note, run_dir = _run_with_fault(tmp, name, overrides, 1, inject, steps=4)
         restarts = max((m.get("sync/replicas_restarted", 0) for m in _steps(run_dir)), default=0)
@@ -446,6 +453,18 @@ def replica_crash(tmp: Path) -> FaultResult:
 def replica_hang(tmp: Path) -> FaultResult:
     """The vLLM replica's server process is frozen (SIGSTOP): it stops answering."""
     return _replica_fault(tmp, "replica-hang", signal.SIGSTOP, "engine replica hang")
+
+
+def sglang_replica_crash(tmp: Path, sglang_python: str) -> FaultResult:
+    """The SGLang replica's server process is SIGKILLed mid-run (its scheduler children are left to the restart)."""
+    return _replica_fault(
+        tmp,
+        "sglang-replica-crash",
+        signal.SIGKILL,
+        "SGLang replica crash",
+        "sglang",
+        [f"engine.python={sglang_python}"],
+    )
 
 
 SCENARIOS = {

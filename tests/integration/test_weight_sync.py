@@ -1,4 +1,4 @@
-"""Trainer → vLLM weight sync on CPU, proven: real verl FSDP2 workers, a real vLLM server, the gateway.
+"""Trainer → engine weight sync on CPU, proven: real verl FSDP2 workers, a real vLLM or SGLang server, the gateway.
 
 (a) training changes the engine's greedy output once synced; (b) the log-prob
 check is small after a sync and fails loudly when a sync is skipped; (c) a
@@ -17,7 +17,7 @@ from atropos_verl.config import AdvantageConfig, RunConfig
 from atropos_verl.groups import GroupLimits, parse_group
 from atropos_verl.policy.actor import Actor
 from atropos_verl.serving.gateway import POLICY_VERSION_HEADER, Gateway
-from atropos_verl.serving.replicas import ReplicaSpec, VLLMReplica
+from atropos_verl.serving.replicas import ReplicaSpec, SGLangReplica, VLLMReplica
 from atropos_verl.serving.sync import SyncMismatchError, WeightSync
 from atropos_verl.serving.transports.folder import FolderTransport, default_weights_root
 
@@ -28,19 +28,14 @@ TARGET = " banana banana banana banana"
 
 
 async def greedy(session: aiohttp.ClientSession, url: str, prompt_ids: list[int], max_tokens: int = 8):
+    # The SGLang /generate format: the gateway translates it for vLLM and passes it through to SGLang.
     async with session.post(
-        f"{url}/v1/completions",
-        json={
-            "model": "policy",
-            "prompt": prompt_ids,
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "return_token_ids": True,
-        },
+        f"{url}/generate",
+        json={"input_ids": prompt_ids, "sampling_params": {"max_new_tokens": max_tokens, "temperature": 0}},
     ) as resp:
         body = await resp.json()
         assert resp.status == 200, body
-        return body["choices"][0]["token_ids"], int(resp.headers[POLICY_VERSION_HEADER])
+        return body["output_ids"], int(resp.headers[POLICY_VERSION_HEADER])
 
 
 def sft_batch(prompt_ids: list[int], target_ids: list[int], multiple: int):
@@ -59,8 +54,22 @@ def sft_batch(prompt_ids: list[int], target_ids: list[int], multiple: int):
     return batch
 
 
+def make_replica(engine: str, tiny_model: str, tmp_path, request):
+    spec = ReplicaSpec(
+        model_path=tiny_model,
+        served_model_name="policy",
+        dtype="float32",
+        max_model_len=256,
+        gpu_memory_utilization=0.4,
+    )
+    if engine == "vllm":
+        return VLLMReplica(spec, name="engine-sync", log_dir=tmp_path)
+    return SGLangReplica(spec, name="engine-sync", log_dir=tmp_path, python=request.getfixturevalue("sglang_python"))
+
+
 @pytest.mark.timeout(900)
-def test_sync_changes_the_engine_and_is_proven(tiny_model, tmp_path):
+@pytest.mark.parametrize("engine", ["vllm", pytest.param("sglang", marks=pytest.mark.sglang)])
+def test_sync_changes_the_engine_and_is_proven(engine, tiny_model, tmp_path, request):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     prompt_ids = tokenizer.encode(PROMPT, add_special_tokens=False)
     target_ids = tokenizer.encode(TARGET, add_special_tokens=False)
@@ -75,18 +84,8 @@ def test_sync_changes_the_engine_and_is_proven(tiny_model, tmp_path):
     cfg.validate()
 
     async def scenario():
-        replica = VLLMReplica(
-            ReplicaSpec(
-                model_path=tiny_model,
-                served_model_name="policy",
-                dtype="float32",
-                max_model_len=256,
-                gpu_memory_utilization=0.4,
-            ),
-            name="vllm-sync",
-            log_dir=tmp_path,
-        )
-        gateway = Gateway([], model_name="policy", max_wait_s=120)
+        replica = make_replica(engine, tiny_model, tmp_path, request)
+        gateway = Gateway([], model_name="policy", max_wait_s=120, backend_engine=engine)
         await gateway.start()
         actor_start = asyncio.to_thread(Actor, cfg, tiny_model)
         actor, _ = await asyncio.gather(actor_start, replica.start(600))
@@ -98,15 +97,15 @@ def test_sync_changes_the_engine_and_is_proven(tiny_model, tmp_path):
                 before, version = await greedy(session, gateway.url, prompt_ids)
                 assert version == 0
                 # Identical weights at the start: the check passes before any training.
-                assert (await sync.verify(probe))["vllm-sync"] < 1e-4
+                assert (await sync.verify(probe))["engine-sync"] < 1e-4
 
                 for _ in range(3):
                     await asyncio.to_thread(actor.train, sft_batch(prompt_ids, target_ids, actor.batch_multiple))
 
                 # (b) the check can fail: trained weights that were never synced.
-                stale = (await sync.compare(probe))["vllm-sync"]
+                stale = (await sync.compare(probe))["engine-sync"]
                 assert stale > 0.1, stale
-                with pytest.raises(SyncMismatchError, match="vllm-sync.*stale or corrupted"):
+                with pytest.raises(SyncMismatchError, match="engine-sync.*stale or corrupted"):
                     await sync.verify(probe)
 
                 # (c) one request in flight when the sync starts, one sent while it runs.

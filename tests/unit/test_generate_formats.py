@@ -1,12 +1,16 @@
-"""The native /generate formats, translated without a server: requests to /v1/completions and back."""
+"""The native /generate formats, translated without a server: to /v1/completions (vLLM) or SGLang's /generate."""
 
 import pytest
 
 from atropos_verl.serving.generate_formats import (
     HttpError,
+    sglang_answer_as_completion,
+    sglang_native_request,
+    sglang_native_response,
     sglang_request,
     sglang_response,
     vllm_request,
+    vllm_request_for_sglang,
     vllm_response,
 )
 
@@ -98,3 +102,57 @@ def test_sglang_response_finish_reasons_and_logprob_triples():
     assert one["meta_info"]["id"] == "r1" and one["meta_info"]["weight_version"] == "5"
     cut = sglang_response(completion(choice(0, [8], [-0.1], finish="length")), request, 5, "http://b")
     assert cut["meta_info"]["finish_reason"] == {"type": "length", "length": 1}
+
+
+# --- SGLang backends ----------------------------------------------------------------------
+
+
+def sglang_item(ids, lps, finish="length", tops=None):
+    meta = {"id": "backend-rid", "finish_reason": {"type": finish}, "weight_version": "0"}
+    meta["output_token_logprobs"] = [[lp, tid, None] for lp, tid in zip(lps, ids)]
+    if tops is not None:
+        meta["output_top_logprobs"] = tops
+    return {"text": "x", "output_ids": list(ids), "meta_info": meta}
+
+
+def test_sglang_format_passes_through_checked_with_the_version_stamped():
+    native, checked = sglang_native_request(
+        {"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 3, "n": 2, "top_k": None}, "rid": "r"}, "m"
+    )
+    # rid stays out (SGLang refuses one it already runs); None values are dropped.
+    assert native == {"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 3, "n": 2}, "return_logprob": False,
+                      "stream": False}  # fmt: skip
+    with pytest.raises(HttpError, match="top_logprobs_num"):
+        sglang_native_request({"input_ids": [5], "top_logprobs_num": 3}, "m")
+    answer = sglang_native_response([sglang_item([1], [-0.1]), sglang_item([2], [-0.2])], checked, 4, "b")
+    assert [item["meta_info"]["id"] for item in answer] == ["r-0", "r-1"]
+    assert all(item["policy_version"] == 4 and item["meta_info"]["weight_version"] == "4" for item in answer)
+    with pytest.raises(HttpError, match="is it SGLang"):
+        sglang_native_response({"choices": []}, checked, 4, "b")
+
+
+def test_vllm_format_becomes_sglang_sampling_params():
+    native, checked = vllm_request_for_sglang(
+        {"prompt": {"prompt_token_ids": [7, 8]}, "max_tokens": 4, "n": 2, "seed": 3, "logprobs": 2}, "m"
+    )
+    assert native["input_ids"] == [7, 8] and native["return_logprob"] and native["top_logprobs_num"] == 2
+    sampling = native["sampling_params"]
+    assert sampling["max_new_tokens"] == 4 and sampling["n"] == 2 and sampling["sampling_seed"] == 3
+    # vLLM's native defaults, with its "top_k off" spelled the SGLang way.
+    assert sampling["temperature"] == 1.0 and sampling["top_k"] == -1
+    assert not checked.prompt_logprobs
+    with pytest.raises(HttpError, match="prompt_logprobs"):
+        vllm_request_for_sglang({"prompt": {"prompt_token_ids": [7]}, "prompt_logprobs": 1}, "m")
+    with pytest.raises(HttpError, match="best_of"):
+        vllm_request_for_sglang({"prompt": {"prompt_token_ids": [7]}, "best_of": 2}, "m")
+
+
+def test_sglang_answer_reads_back_in_the_vllm_format():
+    _, checked = vllm_request_for_sglang({"prompt": {"prompt_token_ids": [7, 8]}, "logprobs": 1}, "m")
+    tops = [[[-0.1, 3, None], [-2.0, 9, None]], [[-0.5, 9, None]]]
+    answer = sglang_item([3, 4], [-0.1, -0.7], finish="stop", tops=tops)
+    result = vllm_response(sglang_answer_as_completion(answer, [7, 8], "b"), checked, 2, "b")
+    assert result["token_ids"] == [[3, 4]] and result["finish_reasons"] == ["stop"]
+    assert result["prompt_token_ids"] == [7, 8] and result["policy_version"] == 2
+    # The sampled token first, then the top-k (atroposlib reads the first entry).
+    assert result["logprobs"][0] == [[{"3": -0.1, "9": -2.0}], [{"4": -0.7, "9": -0.5}]]

@@ -2,7 +2,7 @@
 
 Environments are configured once with the gateway's URL; the trainer can restart,
 add or drop replicas behind it (`set_backends`) and swap their weights between
-steps without any environment noticing. Each replica is a stock vLLM OpenAI server.
+steps without any environment noticing. Each replica is a vLLM or an SGLang server (``backend_engine``).
 
 Routes:
 
@@ -12,8 +12,10 @@ Routes:
   (``"stream": true`` streams the backend's bytes through); ``model`` is rewritten to
   ``model_name``.
 - ``POST /generate``: the two native formats atroposlib's ``vllm`` and ``sglang`` server
-  types speak, translated to the backend's ``/v1/completions`` with token-id prompts,
-  the sampled tokens' logprobs and exact token ids.
+  types speak. For vLLM replicas both are translated to the backend's ``/v1/completions``
+  with token-id prompts, the sampled tokens' logprobs and exact token ids; SGLang replicas
+  get the SGLang format, checked the same way, on their own ``/generate``, and the vLLM
+  format translated to it (``prompt_logprobs`` excepted).
 
 Every response carries ``X-Policy-Version``; ``/generate`` bodies also carry
 ``policy_version``. The version is the one current when the request was admitted: the
@@ -41,15 +43,20 @@ from atropos_verl.netutil import http_url
 from atropos_verl.serving.generate_formats import (
     HttpError,
     check_sampling,
+    sglang_answer_as_completion,
+    sglang_native_request,
+    sglang_native_response,
     sglang_request,
     sglang_response,
     vllm_request,
+    vllm_request_for_sglang,
     vllm_response,
 )
 
 logger = logging.getLogger(__name__)
 
 POLICY_VERSION_HEADER = "X-Policy-Version"
+BACKEND_ENGINES = ("vllm", "sglang")
 
 # A refused or dropped connection marks a backend down for this long, so that the
 # least-in-flight rule (a dead backend always has zero in flight) stops choosing it.
@@ -105,7 +112,12 @@ class Gateway:
         max_model_len: int | None = None,
         idle_timeout_s: float = 30.0,
         backend_headers: dict[str, str] | None = None,
+        backend_engine: str = "vllm",
     ) -> None:
+        if backend_engine not in BACKEND_ENGINES:
+            raise ValueError(f"backend_engine must be one of {BACKEND_ENGINES}, got {backend_engine!r}")
+        # What the replicas are: /generate is translated for vLLM, passed through to SGLang.
+        self._backend_engine = backend_engine
         self._model_name = model_name
         self._host = host
         self._requested_port = port
@@ -381,6 +393,8 @@ class Gateway:
 
     async def _generate(self, request: web.Request) -> web.Response:
         body = await _json_object(request, self._idle_timeout_s)
+        if self._backend_engine == "sglang":
+            return await self._generate_on_sglang(body)
         if "prompt" in body:
             native = vllm_request(body, self._model_name)
             check_sampling(native.completion, self._max_model_len)
@@ -405,6 +419,37 @@ class Gateway:
                 'unrecognised /generate body: expected the vLLM format ("prompt": {"prompt_token_ids": [...]}) '
                 'or the SGLang format ("input_ids" or "text", with "sampling_params")',
             )
+        return web.json_response(result, headers={POLICY_VERSION_HEADER: str(version)})
+
+    async def _generate_on_sglang(self, body: dict[str, Any]) -> web.Response:
+        if "prompt" in body:
+            native, vllm_checked = vllm_request_for_sglang(body, self._model_name)
+            check_sampling(vllm_checked.completion, self._max_model_len)
+        elif "input_ids" in body or "text" in body:
+            native, checked = sglang_native_request(body, self._model_name)
+            check_sampling(checked.completion, self._max_model_len)
+        else:
+            raise HttpError(
+                400,
+                "invalid_request",
+                'unrecognised /generate body: expected the vLLM format ("prompt": {"prompt_token_ids": [...]}) '
+                'or the SGLang format ("input_ids" or "text", with "sampling_params")',
+            )
+        async with self._admitted() as version:
+            reply = await self._dispatch("/generate", native, _read_reply)
+        if reply.status != 200:
+            return _reply_response(reply, version)
+        try:
+            answer = json.loads(reply.body)
+        except ValueError:
+            message = f"backend {reply.backend_url} sent a /generate answer that is not JSON"
+            raise HttpError(502, "bad_gateway", message) from None
+        if "prompt" in body:
+            prompt = native.get("input_ids", native.get("text"))
+            completion = sglang_answer_as_completion(answer, prompt, reply.backend_url)
+            result = vllm_response(completion, vllm_checked, version, reply.backend_url)
+        else:
+            result = sglang_native_response(answer, checked, version, reply.backend_url)
         return web.json_response(result, headers={POLICY_VERSION_HEADER: str(version)})
 
 

@@ -323,3 +323,108 @@ def sglang_response(completion: dict[str, Any], request: SglangRequest, version:
         items.append({"text": choice["text"], "output_ids": ids, "meta_info": meta, "policy_version": version})
     # SGLang answers a single prompt with n == 1 with one object, with n > 1 with a list.
     return items[0] if len(items) == 1 else items
+
+
+# --- SGLang backends ---------------------------------------------------------------------
+# An SGLang replica speaks the SGLang format itself: the request is checked as above and
+# forwarded to its /generate, and only the policy version is stamped on the answer.
+
+
+def sglang_native_request(body: dict[str, Any], model: str) -> tuple[dict[str, Any], SglangRequest]:
+    """The body an SGLang backend's /generate gets, and the checked request (for check_sampling and rid)."""
+    checked = sglang_request(body, model)
+    native: dict[str, Any] = {
+        "sampling_params": {k: v for k, v in (body.get("sampling_params") or {}).items() if v is not None},
+        "return_logprob": checked.return_logprob,
+        "stream": False,
+    }
+    if "input_ids" in body:
+        native["input_ids"] = body["input_ids"]
+    else:
+        native["text"] = body["text"]
+    # rid is left to the backend: SGLang refuses a rid it already runs, and n > 1 needs one per sample.
+    return native, checked
+
+
+def sglang_native_response(answer: Any, request: SglangRequest, version: int, backend_url: str) -> Any:
+    """The backend's answer (one object, or a list for n > 1) with the gateway's policy version stamped in."""
+    items = answer if isinstance(answer, list) else [answer]
+    if not items or not all(isinstance(item, dict) and isinstance(item.get("meta_info"), dict) for item in items):
+        message = f"backend {backend_url} sent an unexpected /generate answer (is it SGLang?)"
+        raise HttpError(502, "bad_gateway", message)
+    for i, item in enumerate(items):
+        meta = item["meta_info"]
+        if request.rid is not None:
+            meta["id"] = request.rid if len(items) == 1 else f"{request.rid}-{i}"
+        meta["weight_version"] = str(version)
+        item["policy_version"] = version
+    return answer
+
+
+# The vLLM format on an SGLang backend: SamplingParams' names -> SGLang's sampling_params.
+_VLLM_TO_SGLANG_SAMPLING: dict[str, str] = {vllm: sglang for sglang, vllm in _SGLANG_SAMPLING_NAMES.items()}
+# Fields vllm_request sets for a vLLM backend; they have no SGLang sampling parameter.
+_VLLM_BACKEND_FIELDS = frozenset(
+    {"model", "prompt", "logprobs", "return_token_ids", "return_tokens_as_token_ids", "stream"}
+)
+
+
+def vllm_request_for_sglang(body: dict[str, Any], model: str) -> tuple[dict[str, Any], VllmRequest]:
+    """atroposlib's `vllm` /generate body as an SGLang /generate body (and the checked request)."""
+    checked = vllm_request(body, model)
+    if checked.prompt_logprobs:
+        raise HttpError(400, "invalid_request", "prompt_logprobs is not served by SGLang replicas (engine.kind=sglang)")
+    completion = checked.completion
+    unknown = sorted(
+        k
+        for k, v in completion.items()
+        if k not in _VLLM_BACKEND_FIELDS and k not in _VLLM_TO_SGLANG_SAMPLING and v is not None
+    )
+    if unknown:
+        raise HttpError(400, "invalid_request", f"unsupported /generate (vLLM format) fields on SGLang: {unknown}")
+    sampling = {_VLLM_TO_SGLANG_SAMPLING[k]: v for k, v in completion.items() if k in _VLLM_TO_SGLANG_SAMPLING}
+    # vLLM reads top_k 0 (its default) as "off"; SGLang wants -1 for that.
+    if sampling.get("top_k") == 0:
+        sampling["top_k"] = -1
+    prompt = completion["prompt"]
+    native: dict[str, Any] = {
+        "input_ids" if isinstance(prompt, list) else "text": prompt,
+        "sampling_params": {k: v for k, v in sampling.items() if v is not None},
+        "return_logprob": True,
+        "stream": False,
+    }
+    if completion["logprobs"]:
+        native["top_logprobs_num"] = completion["logprobs"]
+    return native, checked
+
+
+def sglang_answer_as_completion(answer: Any, prompt: list[int] | str, backend_url: str) -> dict[str, Any]:
+    """An SGLang /generate answer in the shape of a vLLM completion (what vllm_response reads)."""
+    items = answer if isinstance(answer, list) else [answer]
+    if not items or not all(isinstance(item, dict) and isinstance(item.get("meta_info"), dict) for item in items):
+        message = f"backend {backend_url} sent an unexpected /generate answer (is it SGLang?)"
+        raise HttpError(502, "bad_gateway", message)
+    choices = []
+    for index, item in enumerate(items):
+        meta = item["meta_info"]
+        pairs = meta.get("output_token_logprobs") or []
+        tops = meta.get("output_top_logprobs")
+        reason = meta.get("finish_reason")
+        choices.append(
+            {
+                "index": index,
+                "text": item.get("text", ""),
+                "token_ids": item.get("output_ids"),
+                "logprobs": {
+                    "token_logprobs": [pair[0] for pair in pairs],
+                    "top_logprobs": (
+                        [{f"{TOKEN_ID_PREFIX}{entry[1]}": entry[0] for entry in position} for position in tops]
+                        if tops
+                        else None
+                    ),
+                },
+                "finish_reason": reason.get("type") if isinstance(reason, dict) else None,
+                "prompt_token_ids": prompt if isinstance(prompt, list) else None,
+            }
+        )
+    return {"choices": choices}

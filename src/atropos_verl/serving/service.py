@@ -65,7 +65,7 @@ def build_replicas(
             # Replicas start able to take CUDA IPC updates unless the folder is forced; attach() picks.
             weight_transfer="ipc" if engine.kind == "vllm" and engine.weight_transport != "folder" else "folder",
             extra_args=list(engine.extra_args),
-            access_token=access_token if engine.kind == "vllm" else None,
+            access_token=access_token,
             env=placement.replica_env(index),
         )
         if engine.kind == "vllm":
@@ -75,7 +75,15 @@ def build_replicas(
         else:
             from atropos_verl.serving.replicas.sglang import SGLangReplica
 
-            replicas.append(SGLangReplica(spec, name=f"sglang-{index}", log_dir=log_dir))
+            replicas.append(
+                SGLangReplica(
+                    spec,
+                    name=f"sglang-{index}",
+                    log_dir=log_dir,
+                    python=engine.python,
+                    attention_backend=engine.attention_backend,
+                )
+            )
     return replicas
 
 
@@ -142,6 +150,7 @@ class InferenceService:
             extra_ports=list(engine.gateway_extra_ports),
             max_model_len=engine.max_model_len,
             backend_headers={TOKEN_HEADER: replica_token},
+            backend_engine=engine.kind,
         )
         self.weight_sync: Optional[WeightSync] = None
         # Syncs and restarts both reconfigure replicas; one at a time.

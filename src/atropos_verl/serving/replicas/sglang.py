@@ -1,29 +1,41 @@
 """One SGLang server process, controlled through SGLang's native HTTP routes.
 
-Written against SGLang's HTTP server (``sglang/srt/entrypoints/http_server.py``, the
-version verl 0.9.1 pins is 0.5.12); no SGLang build runs on the machines this project
-was developed on, so this adapter has not been run against a live server.
+Checked against a live SGLang 0.5.12 (the version verl 0.9.1 pins) on CPU; its behaviour on
+the routes this adapter drives:
 
-- launch: ``python -m sglang.launch_server --model-path ... --host --port``; ready when
-  ``GET /health`` answers 200.
-- ``POST /pause_generation {"mode": "retract"}``: running requests go back to the waiting
-  queue and are recomputed after ``POST /continue_generation`` (nothing is aborted, and
-  no KV from the old weights survives a load).
-- ``POST /update_weights_from_disk {"model_path", "weight_version", "flush_cache"}``:
-  loads every safetensors file of the folder in place and labels the weights.
-- ``POST /release_memory_occupation`` / ``/resume_memory_occupation``: frees and restores
-  GPU memory; needs ``--enable-memory-saver`` at launch.
-- prompt log-probs: ``POST /generate`` with ``return_logprob`` and
-  ``logprob_start_len: 0`` returns ``meta_info.input_token_logprobs`` as
-  ``[logprob, token_id, text]`` per prompt position (the first logprob is null).
+- launch: ``serving/sglang_launcher/launch.py`` (SGLang's server plus the replica token and a
+  served-name fix, see there) under SGLang's own interpreter (``python``: SGLang needs other
+  transformers pins than this project's venv); ready when ``GET /health`` answers 200. With
+  ``SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=0`` ``/health`` is a liveness answer; otherwise
+  it runs a generation, which takes up to 20 s and answers 503 while paused.
+- ``--attention-backend``: SGLang picks FA3 on Hopper when none is given; ``triton`` works on
+  every CUDA GPU, ``torch_native`` is the one CPU backend.
+- ``POST /pause_generation {"mode": M}``: ``abort`` aborts what is in flight and returns once
+  nothing is (verl's choice); ``retract`` puts running requests back in the queue to be
+  recomputed after ``POST /continue_generation``. Requests that arrive while paused wait.
+  A ``retract`` pause followed by a load with ``flush_cache: true`` kills the 0.5.12
+  scheduler ("Cache flush failed") when requests were retracted, so after a ``retract``
+  pause the load keeps the cache: prefixes computed under the old weights may be reused.
+- ``POST /update_weights_from_disk {"model_path", "weight_version", "flush_cache"}``: loads
+  every safetensors file of the folder in place and labels the weights (``GET /model_info``
+  reports the label as ``weight_version``).
+- ``POST /release_memory_occupation`` / ``/resume_memory_occupation {"tags": [...]}``: free and
+  restore GPU memory (``--enable-memory-saver``, CUDA only). Resuming a tag that was not
+  released kills the scheduler, and so does releasing while requests are queued.
+- prompt log-probs: ``POST /generate`` with ``return_logprob`` and ``logprob_start_len: 0``
+  returns ``meta_info.input_token_logprobs`` as ``[logprob, token_id, text]`` per prompt
+  position (the first logprob is null).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
 import time
+from pathlib import Path
+from typing import Literal
 
 from atropos_verl.serving.replicas.base import EngineError, ReplicaSpec
 from atropos_verl.serving.replicas.server import ServerReplica
@@ -31,10 +43,38 @@ from atropos_verl.serving.transports.folder import require_weights
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "auto": "auto"}
+SGLangPauseMode = Literal["abort", "retract"]
+
+# The interpreter of SGLang's venv when ``python`` is not given (make sglang-cpu exports it).
+PYTHON_ENV = "ATROPOS_VERL_SGLANG_PYTHON"
+LAUNCHER = Path(__file__).resolve().parents[1] / "sglang_launcher" / "launch.py"
+
+_DTYPES = ("float32", "bfloat16", "float16", "auto")
+# Both sleep levels free the weights and the KV cache; the weights come back from SGLang's CPU
+# copy (--enable-weights-cpu-backup), without which they would come back as garbage.
+_SLEEP_TAGS = ("kv_cache", "weights")
+# On CPU SGLang would size its KV pool from the host's memory; a few full contexts suffice for tests.
+_CPU_MIN_KV_TOKENS = 4096
+
+
+@functools.cache
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def default_attention_backend(cuda: bool) -> str:
+    return "triton" if cuda else "torch_native"
 
 
 class SGLangReplica(ServerReplica):
+    """An SGLang server the trainer starts, pauses, reloads and stops.
+
+    ``pause()`` uses ``pause_mode`` (default ``abort``, as verl does): the gateway drains its
+    requests before a sync, so only those still running when the drain timed out are aborted.
+    """
+
     engine = "SGLang"
 
     def __init__(
@@ -43,34 +83,89 @@ class SGLangReplica(ServerReplica):
         name: str = "sglang-0",
         log_dir: str | os.PathLike[str] | None = None,
         control_timeout_s: float = 300.0,
+        *,
+        python: str | None = None,
+        attention_backend: str | None = None,
+        pause_mode: SGLangPauseMode = "abort",
     ) -> None:
         if spec.dtype not in _DTYPES:
-            raise EngineError(f"SGLang replica {name!r}: unsupported dtype {spec.dtype!r}")
+            raise EngineError(f"SGLang replica {name!r}: unsupported dtype {spec.dtype!r} (one of {list(_DTYPES)})")
+        if pause_mode not in ("abort", "retract"):
+            raise EngineError(f"SGLang replica {name!r}: pause_mode must be abort or retract, got {pause_mode!r}")
         super().__init__(spec, name, log_dir, control_timeout_s)
+        self.python = python or os.environ.get(PYTHON_ENV) or sys.executable
+        self._attention_backend = attention_backend
+        self._pause_mode: SGLangPauseMode = pause_mode
+        # The memory tags released by the last sleep(): wake_up resumes exactly these.
+        self._released: tuple[str, ...] = ()
+        self.last_load_seconds = 0.0
+
+    @property
+    def attention_backend(self) -> str:
+        return self._attention_backend or default_attention_backend(_cuda_available())
 
     def command(self, port: int) -> list[str]:
         """The server's command line; ``spec.extra_args`` come last so their flags win."""
         spec = self._spec
+        cuda = _cuda_available()
         cmd = [
-            sys.executable, "-m", "sglang.launch_server",
+            self.python, str(LAUNCHER),
             "--model-path", spec.model_path,
             "--served-model-name", spec.served_model_name,
             "--host", spec.host,
             "--port", str(port),
-            "--dtype", _DTYPES[spec.dtype],
+            "--dtype", spec.dtype,
             "--context-length", str(spec.max_model_len),
-            "--mem-fraction-static", str(spec.gpu_memory_utilization),
             "--tp-size", str(spec.tensor_parallel_size),
+            "--attention-backend", self.attention_backend,
+            "--weight-version", "0",
         ]  # fmt: skip
+        if cuda:
+            cmd += ["--mem-fraction-static", str(spec.gpu_memory_utilization)]
+        else:
+            # The verified CPU setup: no CUDA graphs, and no warm-up request (start-up cost only).
+            cmd += ["--device", "cpu", "--disable-cuda-graph", "--skip-server-warmup"]
+            cmd += ["--max-total-tokens", str(max(_CPU_MIN_KV_TOKENS, 4 * spec.max_model_len))]
         if spec.enable_sleep_mode:
-            cmd.append("--enable-memory-saver")
+            cmd += ["--enable-memory-saver", "--enable-weights-cpu-backup"]
         return cmd + list(spec.extra_args)
 
+    def environment(self) -> dict[str, str]:
+        env = super().environment()
+        env["SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION"] = "0"
+        if not _cuda_available():
+            env["SGLANG_USE_CPU_ENGINE"] = "1"
+            # SGLang's CPU engine otherwise takes every core, next to the trainer on the same ones.
+            env.setdefault("OMP_NUM_THREADS", "1")
+        env.update(self._spec.env)
+        return env
+
+    async def start(self, timeout_s: float) -> None:
+        if not Path(self.python).is_file():
+            raise EngineError(
+                f"{self}: SGLang's interpreter {self.python} does not exist: build it with `make sglang-cpu` "
+                f"(CPU) or name one with SGLang installed in engine.python or ${PYTHON_ENV}"
+            )
+        await super().start(timeout_s)
+
+    async def _after_start(self) -> None:
+        self._released = ()
+
     async def pause(self) -> None:
-        await self._server.request("POST", "/pause_generation", body={"mode": "retract"})
+        await self._server.request("POST", "/pause_generation", body={"mode": self._pause_mode})
 
     async def resume(self) -> None:
         await self._server.request("POST", "/continue_generation", body={})
+
+    async def model_info(self) -> dict:
+        body = await self._server.request("GET", "/model_info")
+        if not isinstance(body, dict):
+            raise EngineError(f"{self}: /model_info answered {body!r}")
+        return body
+
+    async def weight_version(self) -> str:
+        """SGLang's own label for its weights (``str(policy_version)`` once started)."""
+        return str((await self.model_info())["weight_version"])
 
     async def load_weights(self, weights_dir: str, version: int) -> None:
         path = require_weights(self, weights_dir)
@@ -78,28 +173,46 @@ class SGLangReplica(ServerReplica):
         body = await self._server.request(
             "POST",
             "/update_weights_from_disk",
-            body={"model_path": str(path), "weight_version": str(version), "flush_cache": True},
+            body={
+                "model_path": str(path),
+                "weight_version": str(version),
+                # See the module notes: a flush after a retract pause kills the scheduler.
+                "flush_cache": self._pause_mode == "abort",
+            },
         )
         if not isinstance(body, dict) or body.get("success") is not True:
-            raise EngineError(f"{self}: loading {path} failed: {body!r}")
+            raise EngineError(
+                f"{self}: loading {path} failed: {body!r}\n"
+                "The replica may hold a mix of old and new weights: load again or restart it."
+            )
+        self.last_load_seconds = time.perf_counter() - started
         self.policy_version = version
-        logger.info("%s: loaded policy version %d from %s in %.3fs", self, version, path, time.perf_counter() - started)
+        logger.info("%s: loaded policy version %d from %s in %.3fs", self, version, path, self.last_load_seconds)
 
     def _require_memory_saver(self, what: str) -> None:
         if not self._spec.enable_sleep_mode:
             raise EngineError(
                 f"{self}: cannot {what}: start the replica with enable_sleep_mode "
-                "(engine.sleep_during_training=true), which launches SGLang with --enable-memory-saver"
+                "(engine.sleep_during_training=true), which launches SGLang with --enable-memory-saver "
+                "(CUDA only)"
             )
 
     async def sleep(self, level: int = 1) -> None:
+        """Abort what is still queued (SGLang releases memory only when idle), then free weights and KV."""
         self._require_memory_saver("sleep")
-        tags = ["kv_cache"] if level == 1 else ["kv_cache", "weights"]
-        await self._server.request("POST", "/release_memory_occupation", body={"tags": tags})
+        if self._released:
+            return
+        await self._server.request("POST", "/pause_generation", body={"mode": "abort"})
+        await self._server.request("POST", "/release_memory_occupation", body={"tags": list(_SLEEP_TAGS)})
+        self._released = _SLEEP_TAGS
 
     async def wake_up(self) -> None:
+        """Resume exactly what sleep() released, then scheduling."""
         self._require_memory_saver("wake up")
-        await self._server.request("POST", "/resume_memory_occupation", body={})
+        if self._released:
+            await self._server.request("POST", "/resume_memory_occupation", body={"tags": list(self._released)})
+            self._released = ()
+        await self.resume()
 
     async def prompt_logprobs(self, token_ids: list[int]) -> list[float | None]:
         body = await self._server.request(

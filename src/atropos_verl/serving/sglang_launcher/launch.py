@@ -1,0 +1,65 @@
+"""Start SGLang's HTTP server as the trainer needs it: ``python launch.py <sglang server args>``.
+
+Runs by path under SGLang's interpreter (its own venv: no atropos_verl, no project packages), so
+it imports only SGLang and the standard library. Two things ``python -m sglang.launch_server``
+cannot do:
+
+- the run's replica token: SGLang's ``--api-key`` would have to sit on the command line and is
+  logged with the server args at start-up, so the token comes in the environment and
+  ``replicas/access.py``'s middleware (loaded by file path) checks it on every route but /health;
+- the served model name: SGLang 0.5.12 renames the model to the weights folder after
+  ``/update_weights_from_disk``, so ``/v1/models`` and the OpenAI answers would stop naming the
+  policy after the first sync; the name given at launch is kept.
+"""
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+_ACCESS = Path(__file__).resolve().parents[1] / "replicas" / "access.py"
+
+
+def _load_access():
+    spec = importlib.util.spec_from_file_location("atropos_verl_replica_access", _ACCESS)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _keep_served_name() -> None:
+    from sglang.srt.managers.tokenizer_manager import TokenizerManager
+
+    update = TokenizerManager._update_model_path_info
+
+    def update_keeping_name(self, model_path, load_format):
+        served = self.served_model_name
+        update(self, model_path, load_format)
+        self.served_model_name = served
+
+    TokenizerManager._update_model_path_info = update_keeping_name
+
+
+def main(argv: list[str]) -> None:
+    from sglang.launch_server import run_server
+    from sglang.srt.entrypoints import http_server
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.server_args import prepare_server_args
+    from sglang.srt.utils import kill_process_tree
+
+    access = _load_access()
+    if os.environ.get(access.TOKEN_ENV):
+        http_server.app.add_middleware(access.RequireReplicaToken)
+    _keep_served_name()
+    load_plugins()
+    server_args = prepare_server_args(argv)
+    try:
+        run_server(server_args)
+    finally:
+        # The scheduler and detokenizer are children; none may outlive the server.
+        kill_process_tree(os.getpid(), include_parent=False)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,421 @@
+"""SGLangReplica and the gateway against a live SGLang 0.5.12 server on CPU (the tiny random Llama).
+
+SGLang runs in its own venv (`make sglang-cpu`; ATROPOS_VERL_SGLANG_PYTHON names its python).
+One replica, started with a replica token, serves the whole module (start-up dominates the
+cost); the tests run in file order and each leaves it serving, unpaused. The last one stops it.
+The atroposlib clients talk only to the gateway, as an environment would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+import pytest
+from atroposlib.envs.server_handling.server_baseline import APIServerConfig
+from atroposlib.envs.server_handling.server_manager import ServerManager
+from atroposlib.envs.server_handling.sglang_server import SGLangServer
+from atroposlib.envs.server_handling.vllm_server import VLLMServer
+
+from atropos_verl.serving.gateway import POLICY_VERSION_HEADER, Gateway
+from atropos_verl.serving.replicas import EngineError, ReplicaSpec, SGLangReplica
+from atropos_verl.serving.replicas.access import TOKEN_HEADER
+
+pytestmark = [pytest.mark.integration, pytest.mark.sglang]
+
+T = TypeVar("T")
+
+MODEL_NAME = "tiny"
+ENV_MODEL_NAME = "org/hub-name-of-the-policy"
+START_TIMEOUT_S = 240.0
+LOGPROB_ATOL = 1e-3
+PROMPT = "The quick brown fox jumps over the lazy dog because"
+REPLICA_TOKEN = "sglang-replica-token-for-tests"
+
+
+@dataclass
+class Live:
+    loop: asyncio.AbstractEventLoop
+    replica: SGLangReplica
+    session: aiohttp.ClientSession
+
+    def run(self, awaitable: Awaitable[T], timeout_s: float = 60.0) -> T:
+        return self.loop.run_until_complete(asyncio.wait_for(awaitable, timeout_s))
+
+    async def generate(self, prompt_ids: list[int], **sampling: Any) -> dict[str, Any]:
+        body = {"input_ids": prompt_ids, "sampling_params": sampling, "return_logprob": True}
+        async with self.session.post(f"{self.replica.base_url}/generate", json=body) as resp:
+            payload: dict[str, Any] = await resp.json()
+            assert resp.status == 200, payload
+            return payload
+
+    async def greedy(self, prompt_ids: list[int], max_tokens: int = 16) -> list[int]:
+        return list((await self.generate(prompt_ids, max_new_tokens=max_tokens, temperature=0))["output_ids"])
+
+
+def _port_accepts(url: str) -> bool:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tiny_model: str) -> list[int]:
+    from transformers import AutoTokenizer
+
+    ids: list[int] = AutoTokenizer.from_pretrained(tiny_model)(PROMPT)["input_ids"]
+    return ids
+
+
+@pytest.fixture(scope="module")
+def live(tiny_model: str, sglang_python: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    loop = asyncio.new_event_loop()
+    spec = ReplicaSpec(
+        model_path=tiny_model,
+        served_model_name=MODEL_NAME,
+        dtype="float32",
+        max_model_len=512,
+        access_token=REPLICA_TOKEN,
+        env={"HF_HUB_OFFLINE": "1"},
+    )
+    logs = tmp_path_factory.mktemp("sglang-logs")
+    replica = SGLangReplica(spec, name="sglang-test", log_dir=logs, python=sglang_python)
+    try:
+        started = time.monotonic()
+        loop.run_until_complete(replica.start(timeout_s=START_TIMEOUT_S))
+        print(f"\nSGLang replica ready in {time.monotonic() - started:.1f}s")
+        session = loop.run_until_complete(_new_session())
+        try:
+            yield Live(loop=loop, replica=replica, session=session)
+        finally:
+            loop.run_until_complete(session.close())
+    finally:
+        loop.run_until_complete(replica.stop())
+        loop.close()
+
+
+async def _new_session(token: str | None = REPLICA_TOKEN) -> aiohttp.ClientSession:
+    headers = {TOKEN_HEADER: token} if token else {}
+    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60), headers=headers)
+
+
+def test_only_holders_of_the_replica_token_reach_the_server(live: Live) -> None:
+    async def statuses(token: str | None) -> dict[str, int]:
+        async with await _new_session(token) as session:
+            url = live.replica.base_url
+            calls = {
+                "/health": session.get(f"{url}/health"),
+                "/v1/models": session.get(f"{url}/v1/models"),
+                "/model_info": session.get(f"{url}/model_info"),
+                "/pause_generation": session.post(f"{url}/pause_generation", json={"mode": "abort"}),
+            }
+            result = {}
+            for path, call in calls.items():
+                async with call as response:
+                    result[path] = response.status
+            return result
+
+    refused = {"/health": 200, "/v1/models": 401, "/model_info": 401, "/pause_generation": 401}
+    assert live.run(statuses(None)) == refused
+    assert live.run(statuses("wrong")) == refused
+    assert live.run(statuses(REPLICA_TOKEN))["/model_info"] == 200
+    live.run(live.replica.resume())
+    # The token reaches the server in its environment, never its command line or its log
+    # (SGLang logs its server args, an --api-key among them).
+    assert REPLICA_TOKEN.encode() not in Path(f"/proc/{live.replica.pid}/cmdline").read_bytes()
+    assert live.replica.log_path is not None and REPLICA_TOKEN not in live.replica.log_path.read_text()
+
+
+def test_start_health_and_generation(live: Live, prompt_ids: list[int]) -> None:
+    replica = live.replica
+    assert live.run(replica.health())
+    assert replica.pid is not None and replica.base_url.startswith("http://127.0.0.1:")
+    assert replica.policy_version == 0 and live.run(replica.weight_version()) == "0"
+    payload = live.run(live.generate(prompt_ids, max_new_tokens=6, temperature=0, ignore_eos=True))
+    pairs = payload["meta_info"]["output_token_logprobs"]
+    assert [tid for _, tid, _ in pairs] == payload["output_ids"] and len(pairs) == 6
+    assert all(isinstance(lp, float) and lp <= 0.0 for lp, _, _ in pairs)
+    log = live.replica.log_path.read_text()
+    assert "torch_native" in log
+
+
+@pytest.fixture(scope="module")
+def perturbed_model(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny model with noise on every Linear weight, saved with HF names."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.add_(torch.randn(module.weight.shape, generator=generator) * 0.05)
+    out = tmp_path_factory.mktemp("perturbed")
+    model.save_pretrained(out)
+    return str(out)
+
+
+def _hf_prompt_logprobs(model_dir: str, prompt_ids: list[int]) -> list[float]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids])).logits[0, :-1]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    return logprobs.gather(1, torch.tensor(prompt_ids[1:]).unsqueeze(1)).squeeze(1).tolist()
+
+
+def _assert_served(live: Live, prompt_ids: list[int], model_dir: str) -> None:
+    entries = live.run(live.replica.prompt_logprobs(prompt_ids))
+    assert len(entries) == len(prompt_ids) and entries[0] is None
+    want = _hf_prompt_logprobs(model_dir, prompt_ids)
+    worst = max(abs(g - w) for g, w in zip(entries[1:], want))  # type: ignore[operator]
+    assert worst <= LOGPROB_ATOL, f"max |SGLang - transformers| logprob difference {worst:.2e}"
+
+
+async def _model_ids(live: Live) -> list[str]:
+    async with live.session.get(f"{live.replica.base_url}/v1/models") as resp:
+        return [model["id"] for model in (await resp.json())["data"]]
+
+
+def test_load_weights_swaps_restores_and_keeps_the_served_name(
+    live: Live, tiny_model: str, perturbed_model: str, prompt_ids: list[int]
+) -> None:
+    replica = live.replica
+    original = live.run(live.greedy(prompt_ids))
+    _assert_served(live, prompt_ids, tiny_model)
+
+    live.run(replica.pause())
+    live.run(replica.load_weights(perturbed_model, version=1))
+    live.run(replica.resume())
+    assert replica.policy_version == 1 and live.run(replica.weight_version()) == "1"
+    # SGLang itself would rename the model to the weights folder here.
+    assert live.run(_model_ids(live)) == [MODEL_NAME]
+    assert live.run(live.greedy(prompt_ids)) != original
+    _assert_served(live, prompt_ids, perturbed_model)
+
+    live.run(replica.load_weights(tiny_model, version=2))
+    assert replica.policy_version == 2 and live.run(replica.weight_version()) == "2"
+    assert live.run(live.greedy(prompt_ids)) == original
+    _assert_served(live, prompt_ids, tiny_model)
+    print(f"\nload_weights (disk): {replica.last_load_seconds:.3f}s")
+
+
+def test_load_weights_rejects_folder_without_safetensors(live: Live, tmp_path: Path) -> None:
+    with pytest.raises(EngineError, match="sglang-test.*no \\*.safetensors"):
+        live.run(live.replica.load_weights(str(tmp_path), version=99))
+    assert live.replica.policy_version == 2
+
+
+def test_request_sent_while_paused_completes_after_resume(live: Live, prompt_ids: list[int]) -> None:
+    replica = live.replica
+
+    async def timed_request() -> tuple[list[int], float]:
+        tokens = await live.greedy(prompt_ids, max_tokens=8)
+        return tokens, time.monotonic()
+
+    live.run(replica.pause())
+    try:
+        task = live.loop.create_task(timed_request())
+        live.run(asyncio.sleep(1.5))
+        assert not task.done(), "a request was served while the replica was paused"
+        # /health answers while paused (it runs no generation).
+        assert live.run(replica.health())
+    finally:
+        resumed_at = time.monotonic()
+        live.run(replica.resume())
+    tokens, answered_at = live.run(task, timeout_s=30)
+    assert len(tokens) == 8 and answered_at > resumed_at
+
+
+def test_sync_with_a_request_in_flight_leaves_the_scheduler_alive(
+    live: Live, tiny_model: str, prompt_ids: list[int]
+) -> None:
+    """The sync's path when the gateway's drain times out: pause, load with a flush, resume."""
+    replica = live.replica
+
+    async def scenario() -> dict[str, Any]:
+        long_request = asyncio.create_task(
+            live.generate(prompt_ids, max_new_tokens=400, temperature=0, ignore_eos=True)
+        )
+        await asyncio.sleep(1.0)
+        assert not long_request.done()
+        await replica.pause()
+        await replica.load_weights(tiny_model, version=3)
+        await replica.resume()
+        return await long_request
+
+    answer = live.run(scenario(), timeout_s=120)
+    # Aborted (not left half-computed under the old weights), and the server serves on.
+    assert answer["meta_info"]["finish_reason"]["type"] == "abort"
+    assert live.run(replica.health())
+    assert len(live.run(live.greedy(prompt_ids, max_tokens=4))) == 4
+    assert replica.policy_version == 3 and live.run(replica.weight_version()) == "3"
+
+
+def test_sleep_is_refused_without_the_memory_saver(live: Live) -> None:
+    with pytest.raises(EngineError, match="sglang-test.*enable_sleep_mode"):
+        live.run(live.replica.sleep())
+    assert live.run(live.replica.health())
+
+
+# --- the gateway in front of the live replica --------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(live: Live, **kwargs: Any) -> AsyncIterator[Gateway]:
+    gateway = Gateway(
+        [live.replica.base_url],
+        model_name=MODEL_NAME,
+        backend_headers={TOKEN_HEADER: REPLICA_TOKEN},
+        backend_engine="sglang",
+        max_model_len=512,
+        **kwargs,
+    )
+    await gateway.start()
+    try:
+        yield gateway
+    finally:
+        await gateway.stop()
+
+
+def client_config(gateway: Gateway, tokenizer: str, server_type: str) -> APIServerConfig:
+    return APIServerConfig(
+        base_url=f"{gateway.url}/v1",
+        model_name=ENV_MODEL_NAME,
+        tokenizer_name=tokenizer,
+        server_type=server_type,
+        api_key="unused",
+        timeout=60,
+    )
+
+
+async def stop_health_checks(servers: list[Any]) -> None:
+    for server in servers:
+        if server.check_task is not None:
+            server.check_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await server.check_task
+
+
+def test_atroposlib_sglang_client_through_the_gateway(live: Live, tiny_model: str, prompt_ids: list[int]) -> None:
+    async def scenario() -> None:
+        async with running_gateway(live) as gateway:
+            server = SGLangServer(client_config(gateway, tiny_model, "sglang"))
+            try:
+                _, outputs, logprobs, finish = await server.tokens_and_logprobs_completion(
+                    prompt=PROMPT, n=2, max_tokens=5, temperature=1.0
+                )
+                assert len(outputs) == len(logprobs) == len(finish) == 2
+                for ids, lps, reason in zip(outputs, logprobs, finish):
+                    assert 1 <= len(ids) <= 5 and len(lps) == len(ids) and all(lp <= 0.0 for lp in lps)
+                    assert reason["type"] in ("length", "stop")
+
+                _, [greedy_ids], [greedy_lps], _ = await server.tokens_and_logprobs_completion(
+                    input_ids=prompt_ids, max_tokens=5, temperature=0.0
+                )
+                direct = await live.generate(prompt_ids, max_new_tokens=5, temperature=0.0)
+                assert greedy_ids == direct["output_ids"]
+                assert greedy_lps == [lp for lp, _, _ in direct["meta_info"]["output_token_logprobs"]]
+            finally:
+                await stop_health_checks([server])
+
+            # The gateway stamps its policy version; the OpenAI routes pass through to SGLang.
+            gateway.resume(7)
+            async with aiohttp.ClientSession() as session:
+                body = {"input_ids": prompt_ids, "sampling_params": {"max_new_tokens": 2}, "rid": "r-1"}
+                async with session.post(f"{gateway.url}/generate", json=body) as resp:
+                    answer = await resp.json()
+                    assert resp.status == 200 and resp.headers[POLICY_VERSION_HEADER] == "7"
+                assert answer["policy_version"] == 7 and answer["meta_info"]["weight_version"] == "7"
+                assert answer["meta_info"]["id"] == "r-1"
+                vllm_body = {"prompt": {"prompt_token_ids": prompt_ids}, "max_tokens": 2, "prompt_logprobs": 1}
+                async with session.post(f"{gateway.url}/generate", json=vllm_body) as resp:
+                    refusal = await resp.json()
+                    assert resp.status == 400 and "prompt_logprobs" in refusal["error"]["message"]
+                completion = {"model": ENV_MODEL_NAME, "prompt": PROMPT, "max_tokens": 3, "temperature": 0}
+                async with session.post(f"{gateway.url}/v1/completions", json=completion) as resp:
+                    payload = await resp.json()
+                    assert resp.status == 200, payload
+                assert payload["model"] == MODEL_NAME and payload["choices"][0]["text"]
+
+    live.run(scenario(), timeout_s=120)
+
+
+def test_atroposlib_vllm_client_is_translated_for_sglang(live: Live, tiny_model: str, prompt_ids: list[int]) -> None:
+    """Data configs default to server_type vllm: the gateway turns that format into SGLang's and back."""
+
+    async def scenario() -> None:
+        async with running_gateway(live) as gateway:
+            server = VLLMServer(client_config(gateway, tiny_model, "vllm"))
+            try:
+                _, outputs, logprobs, finish = await server.tokens_and_logprobs_completion(
+                    prompt=PROMPT, n=2, max_tokens=5, temperature=1.0
+                )
+                assert len(outputs) == len(logprobs) == len(finish) == 2
+                for ids, lps in zip(outputs, logprobs):
+                    assert 1 <= len(ids) <= 5 and len(lps) == len(ids) and all(lp <= 0.0 for lp in lps)
+                assert all(reason in ("length", "stop") for reason in finish)
+                _, [greedy_ids], [greedy_lps], [reason] = await server.tokens_and_logprobs_completion(
+                    input_ids=prompt_ids, max_tokens=5, temperature=0.0
+                )
+            finally:
+                await stop_health_checks([server])
+        direct = await live.generate(prompt_ids, max_new_tokens=5, temperature=0.0)
+        assert greedy_ids == direct["output_ids"]
+        assert greedy_lps == [lp for lp, _, _ in direct["meta_info"]["output_token_logprobs"]]
+        assert reason == direct["meta_info"]["finish_reason"]["type"]
+
+    live.run(scenario(), timeout_s=120)
+
+
+@pytest.mark.parametrize("server_type", ["sglang", "vllm"])
+def test_managed_server_chat_through_the_gateway(live: Live, tiny_model: str, server_type: str) -> None:
+    """The path most environments take: ServerManager -> ManagedServer -> /generate."""
+
+    async def scenario() -> None:
+        async with running_gateway(live) as gateway:
+            manager = ServerManager([client_config(gateway, tiny_model, server_type)])
+            try:
+                tokenizer = manager.servers[0].tokenizer
+                async with manager.managed_server(tokenizer=tokenizer) as managed:
+                    chat = await managed.chat_completion(
+                        messages=[{"role": "user", "content": "What is 2 + 2?"}], n=2, max_tokens=5, temperature=1.0
+                    )
+                    nodes = managed.get_state()["nodes"]
+            finally:
+                await stop_health_checks(manager.servers)
+        assert len(chat.choices) == len(nodes) == 2
+        for node in nodes:
+            assert len(node.tokens) == len(node.masked_tokens) == len(node.logprobs)
+            completion = [i for i, m in enumerate(node.masked_tokens) if m != -100]
+            assert 1 <= len(completion) <= 5 and completion[-1] == len(node.tokens) - 1
+            assert all(node.logprobs[i] <= 0.0 and node.masked_tokens[i] == node.tokens[i] for i in completion)
+
+    live.run(scenario(), timeout_s=120)
+
+
+def test_stop_kills_the_process_group_and_frees_the_port(live: Live) -> None:
+    replica = live.replica
+    pid, url = replica.pid, replica.base_url
+    assert pid is not None and _port_accepts(url)
+    live.run(replica.stop(), timeout_s=40)
+    assert replica.pid is None and not Path(f"/proc/{pid}").exists()
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)
+    assert not _port_accepts(url)
+    with pytest.raises(EngineError, match="not started"):
+        live.run(replica.pause())
