@@ -28,8 +28,10 @@ changes four things:
   per operator and parameter (~290 parameters at 0.5B). The optimizer itself is
   torch's fused AdamW on CUDA (``actor.fused_optimizer``, set in atropos_verl.policy.actor).
 
-Other layouts and outputs (packed rows, fused kernels, entropy, distillation,
-multi-modal inputs) go through verl's own step, and other gradient layouts
+The padded-rows step also hands the loss what atropos_verl.regularizers reads from
+the logits (entropy, the student's logits at a teacher's top-k ids), at trained
+positions only. Other layouts and outputs (packed rows, fused kernels, verl's own
+entropy and distillation options, multi-modal inputs) go through verl's own step, and other gradient layouts
 (HSDP, scaler, QAT) through verl's optimizer step.
 """
 
@@ -51,6 +53,7 @@ from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 from verl.workers.engine.utils import detach_tree, postprocess_batch_func, prepare_micro_batches
 
 from atropos_verl.policy.rows import cuts_by_offsets, select_rows
+from atropos_verl.regularizers import logit_inputs, logit_outputs
 
 # Micro-batch options whose outputs only verl's own step produces (all off by default).
 _VERL_STEP_OPTIONS = (
@@ -318,6 +321,9 @@ class PolicyEngine(FSDPEngineWithLMHead):
                 temperature = torch.full((rows.rows,), float(temperature))
             temperature = _to_device(temperature.to(torch.float32), device).view(rows.rows, 1, 1)
         data = _batch_to_device(micro_batch, device)
+        extra_inputs = logit_inputs(micro_batch, rows.slots if not rows.full else None)
+        if extra_inputs is not None:
+            extra_inputs = extra_inputs.to(device)
 
         autocast_dtype = getattr(self, "_autocast_dtype", torch.bfloat16)
         autocast = (
@@ -331,10 +337,16 @@ class PolicyEngine(FSDPEngineWithLMHead):
                 logits, temperature, is_unit_temperature=unit_temperature
             )
             # Looked up on verl's module so that atropos_verl.policy.logprobs.install() applies.
-            log_probs = transformer_impl.logprobs_from_logits(logits=logits, labels=labels).flatten()
+            # The entropy's backward reads the logits: their storage must not take the log-probs' gradient.
+            inplace = extra_inputs is None or not extra_inputs.entropy
+            log_probs = transformer_impl.logprobs_from_logits(
+                logits=logits, labels=labels, inplace_backward=inplace
+            ).flatten()
             if slots is not None:
                 log_probs = log_probs.index_select(0, slots)
             model_output = {"log_probs": torch.nested.nested_tensor_from_jagged(log_probs, data["input_ids"].offsets())}
+            if extra_inputs is not None:
+                model_output.update(logit_outputs(logits, extra_inputs, log_probs.numel()))
             if loss_function is not None:
                 loss, metrics = loss_function(
                     model_output=model_output, data=data, dp_group=self.get_data_parallel_group()
