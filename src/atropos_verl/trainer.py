@@ -178,6 +178,7 @@ class Trainer:
                     **source.client.counters(),
                     **advantage_stats.as_metrics(),
                     **batch_stats.as_metrics(),
+                    **source.envs.evals.new_metrics(),
                     "data/groups": len(validated.groups),
                     "data/groups_rejected": rejected_since_step,
                     "data/groups_rejected_total": progress.groups_rejected_total,
