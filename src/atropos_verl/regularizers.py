@@ -209,7 +209,8 @@ def logit_outputs(logits: torch.Tensor, inputs: LogitInputs, num_slots: int) -> 
         ids = inputs.distill_ids.clamp_min(0)
         # One gather of K values per position from the flat logits: no (positions, V) copy.
         index = inputs.positions.unsqueeze(1) * flat.shape[-1] + ids
-        student = flat.reshape(-1).take(index.reshape(-1)).view_as(ids).float()
+        student = flat.reshape(-1).take(index.reshape(-1)).view_as(ids)
+        student = student.to(torch.promote_types(student.dtype, torch.float32))
         outputs[DISTILL_STUDENT] = student.new_zeros(num_slots, ids.shape[1]).index_copy(0, inputs.trained, student)
     return outputs
 

@@ -269,3 +269,41 @@ def test_top_k_is_bounded():
     raw["distill_logprobs"][0][2] = [-1.0] * 1025
     with pytest.raises(GroupRejected, match="exceeds 1024"):
         parse_group(raw, "g", GroupLimits(vocab_size=2000, max_token_len=32))
+
+
+def test_config_names_the_key_for_terms_that_cannot_run():
+    from atropos_verl.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="loss.policy_coef: is 0 and no other term"):
+        load_config({"loss": {"policy_coef": 0.0}})
+    with pytest.raises(ConfigError, match="loss.kl_loss_type: must be one of"):
+        load_config({"loss": {"kl_loss_type": "k4"}})
+    with pytest.raises(ConfigError, match="model.use_remove_padding: must be false with loss.distill_coef"):
+        load_config({"loss": {"distill_coef": 1.0}, "model": {"attn_implementation": "flash_attention_2"}})
+    distill_only = load_config({"loss": {"policy_coef": 0.0, "distill_coef": 1.0}})
+    assert Regularizers.from_config(distill_only.loss).distill_coef == 1.0
+
+
+def test_padded_logits_give_the_packed_outputs():
+    """The padded-rows step hands logit_outputs (rows, width, V) logits and each packed slot's flat position."""
+    from atropos_verl.policy.fsdp_engine import PaddedRows
+
+    group = parse_group(teacher_group(), "g", LIMITS)
+    advantages = [[np.ones(len(t)) for t in TOKENS]]
+    batch, _ = build_batch(
+        [group], advantages, reduction="token-mean", use_sampling_temperature=True, pad_to_multiple=1
+    )
+    tu.assign_non_tensor(batch, compute_entropy=True)
+    packed = torch.randn(8, 20, dtype=torch.float64)
+    rows = PaddedRows(batch["input_ids"].offsets())
+    padded = torch.zeros(rows.rows * rows.width, 20, dtype=torch.float64)
+    padded[rows.slots] = packed
+    got = logit_outputs(padded.view(rows.rows, rows.width, 20), logit_inputs(batch, rows.slots), 8)
+    want = logit_outputs(packed, logit_inputs(batch, None), 8)
+    assert set(got) == {"entropy", "distill_student_logits"}
+    for key in got:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+    trained = batch["loss_mask"].values() > 0
+    ids = batch["distill_token_ids"].values().view(-1, 3)
+    assert torch.equal(got["distill_student_logits"][trained], packed[trained].gather(1, ids[trained]))
+    assert (got["entropy"][~trained] == 0).all()
