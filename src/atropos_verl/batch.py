@@ -9,7 +9,7 @@ once, so the loss lines up element-wise:
     loss_mask[t]     = weight of token t+1   (0 at the last slot)
     advantages[t]    = A[t+1]
     old_log_probs[t] = inference_logprobs[t+1]
-    ref_log_probs[t] = ref_logprobs[t+1]                       (when any group sends them)
+    ref_log_probs[t] = ref_logprobs[t+1]     (when any group sends them, or loss.ref_model is set)
     distill_token_ids / distill_logprobs, row values t*K..t*K+K-1 = the teacher's
         top-k for token t+1, padded to the batch's K with id -1 (when any group sends them)
 
@@ -79,11 +79,11 @@ class _Extras:
     top_k: int
 
     @classmethod
-    def of(cls, groups: list[ScoredGroup]) -> _Extras:
+    def of(cls, groups: list[ScoredGroup], reference: bool) -> _Extras:
         top_k = max(
             (len(top) for g in groups if g.distill_token_ids for seq in g.distill_token_ids for top in seq), default=0
         )
-        return cls(any(g.ref_logprobs is not None for g in groups), top_k)
+        return cls(reference or any(g.ref_logprobs is not None for g in groups), top_k)
 
     def row(self, group: ScoredGroup, i: int) -> dict[str, torch.Tensor]:
         length = len(group.tokens[i])
@@ -200,9 +200,14 @@ def build_batch(
     reduction: str,
     use_sampling_temperature: bool,
     pad_to_multiple: int,
+    reference_log_probs: bool = False,
 ) -> tuple[TensorDict, BatchStats]:
-    """Pack groups into verl's no-padding TensorDict for a training step (layout: module docstring)."""
-    extras = _Extras.of(groups)
+    """Pack groups into verl's no-padding TensorDict for a training step (layout: module docstring).
+
+    ``reference_log_probs``: carry ``ref_log_probs`` even when no group sends them (a hosted
+    reference fills them in, atropos_verl.policy.reference).
+    """
+    extras = _Extras.of(groups, reference_log_probs)
     rows = [
         row
         for group, adv in zip(groups, advantages)

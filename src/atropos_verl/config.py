@@ -179,6 +179,9 @@ class LossConfig:
     use_kl_loss: bool = False
     kl_loss_coef: float = _f(0.001, ge=0)
     kl_loss_type: str = _f("low_var_kl", choices=KL_LOSS_TYPES)
+    # Reference for sequences sent without ref_logprobs: "" none (no KL term there), "policy" a
+    # frozen copy of the starting weights (model.path) in the policy engine, or a model path / builtin:<name>.
+    ref_model: str = ""
     # On-policy distillation from the env's distill_token_ids/distill_logprobs (teacher top-k):
     # KL on the renormalised top-k support, forward KL(teacher||student) or reverse.
     distill_coef: float = _f(0.0, ge=0)
@@ -188,9 +191,9 @@ class LossConfig:
     calculate_entropy: bool = False
 
     @property
-    def reads_logits(self) -> bool:
-        """True when a term needs more of the logits than the sampled tokens' log-probs."""
-        return self.distill_coef > 0 or self.entropy_coeff > 0 or self.calculate_entropy
+    def needs_padded_rows_step(self) -> bool:
+        """True when a term reads the logits or a hosted reference: only the padded-rows step provides them."""
+        return self.distill_coef > 0 or self.entropy_coeff > 0 or self.calculate_entropy or bool(self.ref_model)
 
     def validate(self) -> None:
         check_fields(self, "loss")
@@ -478,9 +481,10 @@ class RunConfig:
         )
         # Distillation and entropy read the logits in this project's padded-rows step only.
         _require(
-            not self.model.remove_padding or not self.loss.reads_logits,
+            not self.model.remove_padding or not self.loss.needs_padded_rows_step,
             "model.use_remove_padding",
-            "must be false with loss.distill_coef > 0, loss.entropy_coeff > 0 or loss.calculate_entropy "
+            "must be false with loss.distill_coef > 0, loss.entropy_coeff > 0, loss.calculate_entropy or "
+            "loss.ref_model "
             f"(null turns it on with model.attn_implementation={self.model.attn_implementation})",
         )
         _require(

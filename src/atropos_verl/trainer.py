@@ -158,6 +158,7 @@ class Trainer:
                     reduction=cfg.loss.reduction,
                     use_sampling_temperature=cfg.loss.use_sampling_temperature,
                     pad_to_multiple=policy.batch_multiple,
+                    reference_log_probs=bool(cfg.loss.ref_model),
                 )
                 await serving.before_training()
                 train_start = time.perf_counter()

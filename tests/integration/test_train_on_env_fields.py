@@ -1,6 +1,8 @@
 """Training on what an environment sends beyond tokens and scores: reference log-probs, a teacher's
 top-k, evaluation results (tests/envs/teacher_env.py, real models on both sides).
 
+A hosted reference (loss.ref_model) stands in where an env sends no ref_logprobs.
+
 One short CPU run with the RL term, the KL to the reference (the policy's own starting
 weights) and distillation toward the teacher:
 
@@ -61,3 +63,29 @@ def test_reference_kl_distillation_and_env_evaluations(tmp_path):
     assert first["eval/reference_answer_logprob"] == pytest.approx(first["train/logprob"], abs=1e-4)
     assert all("eval/teacher_topk_mass" not in m for m in metrics[1:])
     assert "eval/teacher_topk_mass" in log
+
+
+@pytest.mark.timeout(900)
+def test_hosted_reference_for_sequences_sent_without_ref_logprobs(tmp_path):
+    """The scripted env sends no ref_logprobs: the trainer's frozen copy of the starting weights is the reference
+    (at the group's sampling temperature, as the policy's log-probs)."""
+    run_dir = tmp_path / "run"
+    code, log = run_to_end(
+        train_command(
+            *base_overrides(free_port(), 3),
+            "data=scripted",
+            "data.envs.0.args=[--env.pattern,score]",
+            "loss.use_kl_loss=true",
+            "loss.kl_loss_type=k1",
+            "loss.ref_model=policy",
+            f"trainer.run_dir={run_dir}",
+            f"hydra.run.dir={tmp_path / 'hydra'}",
+        ),
+        tmp_path / "trainer.log",
+        timeout=800,
+    )
+    assert code == 0, log[-5000:]
+    kl = [m["actor/kl_loss"] for m in read_metrics(run_dir / "metrics.jsonl")]
+    assert abs(kl[0]) < 1e-6, kl
+    assert kl[0] < kl[1] < kl[2], kl
+    assert kl[2] > 1e-3, kl

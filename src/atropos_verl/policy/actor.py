@@ -27,6 +27,7 @@ from tensordict import TensorDict
 from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
 from verl.utils import tensordict_utils as tu
 
+from atropos_verl.assets import resolve_model_path
 from atropos_verl.batch import pack_sequences
 from atropos_verl.config import RunConfig
 from atropos_verl.loss import verl_policy_loss
@@ -179,6 +180,9 @@ class Actor:
             )
         )
         self.workers.reset()
+        if cfg.loss.ref_model:
+            reference = model_path if cfg.loss.ref_model == "policy" else resolve_model_path(cfg.loss.ref_model)
+            self.workers.load_reference(reference, cfg.model.attn_implementation, cfg.model.trust_remote_code)
         self.data_parallel_size = cfg.trainer.world_size // cfg.actor.ulysses_sequence_parallel_size
         logger.info(
             "policy workers ready: %d x %s, data-parallel %d, ulysses %d (%s)",

@@ -52,6 +52,7 @@ from verl.workers.engine.fsdp import transformer_impl
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 from verl.workers.engine.utils import detach_tree, postprocess_batch_func, prepare_micro_batches
 
+from atropos_verl.policy.reference import with_reference_log_probs
 from atropos_verl.policy.rows import cuts_by_offsets, select_rows
 from atropos_verl.regularizers import logit_inputs, logit_outputs
 
@@ -219,6 +220,9 @@ def clip_sharded_grad_norm_(parameters, max_norm: float) -> torch.Tensor | None:
 class PolicyEngine(FSDPEngineWithLMHead):
     """verl's FSDP engine for language models with the host-side savings described in the module docstring."""
 
+    # A frozen reference model (atropos_verl.policy.reference), set by PolicyWorker.load_reference.
+    reference = None
+
     def forward_backward_batch(self, data: TensorDict, loss_function, forward_only=False):
         if not cuts_micro_batches_by_rows(data):
             return read_back(super().forward_backward_batch(data, loss_function, forward_only))
@@ -347,6 +351,16 @@ class PolicyEngine(FSDPEngineWithLMHead):
             model_output = {"log_probs": torch.nested.nested_tensor_from_jagged(log_probs, data["input_ids"].offsets())}
             if extra_inputs is not None:
                 model_output.update(logit_outputs(logits, extra_inputs, log_probs.numel()))
+            if self.reference is not None and "ref_log_probs" in data.keys():
+                with torch.no_grad():
+                    ref_logits = self.reference(**model_inputs, use_cache=False).logits
+                    ref_logits = transformer_impl._scale_logits_by_temperature(
+                        ref_logits, temperature, is_unit_temperature=unit_temperature
+                    )
+                    ref_log_probs = transformer_impl.logprobs_from_logits(logits=ref_logits, labels=labels).flatten()
+                    if slots is not None:
+                        ref_log_probs = ref_log_probs.index_select(0, slots)
+                data = with_reference_log_probs(data, ref_log_probs)
             if loss_function is not None:
                 loss, metrics = loss_function(
                     model_output=model_output, data=data, dp_group=self.get_data_parallel_group()
