@@ -3,9 +3,10 @@
 A group is ``[sequence][position]``: ``tokens`` (prompt + completion ids),
 ``masks`` (-100 = not trained, anywhere in the sequence), one ``score`` per
 sequence, and optional token-level ``advantages`` and ``inference_logprobs``
-aligned with ``tokens``. Environments send ``[]`` for optional lists they do
-not fill (BaseEnv's default ``collect_trajectories`` does), so an empty list
-means "absent" here.
+aligned with ``tokens``, as are ``ref_logprobs``; ``distill_token_ids`` /
+``distill_logprobs`` are ``[sequence][position][top_k]``. Environments send
+``[]`` for optional lists they do not fill (BaseEnv's default
+``collect_trajectories`` does), so an empty list means "absent" here.
 
 :func:`parse_group` turns one raw dict into a :class:`ScoredGroup` or raises
 :class:`GroupRejected` naming the group, the field and the reason, so that a

@@ -307,3 +307,21 @@ def test_padded_logits_give_the_packed_outputs():
     ids = batch["distill_token_ids"].values().view(-1, 3)
     assert torch.equal(got["distill_student_logits"][trained], packed[trained].gather(1, ids[trained]))
     assert (got["entropy"][~trained] == 0).all()
+
+
+def test_distillation_alone_and_no_terms_at_all():
+    group = parse_group(teacher_group(), "g", LIMITS)
+    advantages = [[np.full(len(t), 0.7) for t in TOKENS]]
+    batch, _ = build_batch(
+        [group], advantages, reduction="token-mean", use_sampling_temperature=True, pad_to_multiple=1
+    )
+    logits = torch.randn(8, 20, dtype=torch.float64)
+    without, _ = packed_loss(batch, logits, Regularizers())
+    tu.assign_non_tensor(batch, compute_entropy=False)
+    labels = torch.roll(batch["input_ids"].values(), -1)
+    logp = torch.log_softmax(logits, -1).gather(-1, labels[:, None]).squeeze(1)
+    offsets = batch["input_ids"].offsets()
+    bare, _ = verl_policy_loss({"log_probs": torch.nested.nested_tensor_from_jagged(logp, offsets)}, batch)
+    assert without.item() == bare.item()
+    alone, metrics = packed_loss(batch, logits, Regularizers(policy_coef=0.0, distill_coef=1.0))
+    assert alone.item() == pytest.approx(metrics["actor/distill_kl_share"].item(), rel=1e-12)
