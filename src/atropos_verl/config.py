@@ -155,6 +155,10 @@ class AdvantageConfig:
 
 
 REDUCTIONS = ("token-mean", "sequence-mean", "sum")
+# verl's names for the KL estimators (atropos_verl.regularizers.kl_estimate); "+": k2's gradient.
+KL_ESTIMATORS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
+KL_LOSS_TYPES = KL_ESTIMATORS + tuple(f"{name}+" for name in KL_ESTIMATORS)
+DISTILL_DIRECTIONS = ("forward", "reverse")
 
 
 @dataclass
@@ -168,9 +172,36 @@ class LossConfig:
     # Scale logits by each sequence's sampling temperature before log-softmax,
     # so trainer log-probs are comparable with the sampler's.
     use_sampling_temperature: bool = True
+    # Weight of the policy-gradient term (0: train on the terms below alone, e.g. pure distillation).
+    policy_coef: float = _f(1.0, ge=0)
+    # KL to a reference policy from the env's ref_logprobs (verl's names; estimators in
+    # atropos_verl.regularizers). actor/kl_loss is logged whenever ref_logprobs arrive.
+    use_kl_loss: bool = False
+    kl_loss_coef: float = _f(0.001, ge=0)
+    kl_loss_type: str = _f("low_var_kl", choices=KL_LOSS_TYPES)
+    # Reference for sequences sent without ref_logprobs: "" none (no KL term there), "policy" a
+    # frozen copy of the starting weights (model.path) in the policy engine, or a model path / builtin:<name>.
+    ref_model: str = ""
+    # On-policy distillation from the env's distill_token_ids/distill_logprobs (teacher top-k):
+    # KL on the renormalised top-k support, forward KL(teacher||student) or reverse.
+    distill_coef: float = _f(0.0, ge=0)
+    distill_direction: str = _f("forward", choices=DISTILL_DIRECTIONS)
+    # Entropy bonus (verl's entropy_coeff); calculate_entropy logs actor/entropy without one.
+    entropy_coeff: float = _f(0.0, ge=0)
+    calculate_entropy: bool = False
+
+    @property
+    def needs_padded_rows_step(self) -> bool:
+        """True when a term reads the logits or a hosted reference: only the padded-rows step provides them."""
+        return self.distill_coef > 0 or self.entropy_coeff > 0 or self.calculate_entropy or bool(self.ref_model)
 
     def validate(self) -> None:
         check_fields(self, "loss")
+        _require(
+            self.policy_coef > 0 or (self.use_kl_loss and self.kl_loss_coef > 0) or self.distill_coef > 0,
+            "loss.policy_coef",
+            "is 0 and no other term (loss.use_kl_loss, loss.distill_coef) trains: set one of them",
+        )
         _require(
             self.clip_ratio is None or 0 < self.clip_ratio < 1,
             "loss.clip_ratio",
@@ -457,6 +488,14 @@ class RunConfig:
             or self.model.attn_implementation.startswith("flash_attention"),
             "actor.ulysses_sequence_parallel_size",
             f"> 1 needs model.attn_implementation=flash_attention_2 (got {self.model.attn_implementation!r})",
+        )
+        # Distillation and entropy read the logits in this project's padded-rows step only.
+        _require(
+            not self.model.remove_padding or not self.loss.needs_padded_rows_step,
+            "model.use_remove_padding",
+            "must be false with loss.distill_coef > 0, loss.entropy_coeff > 0, loss.calculate_entropy or "
+            "loss.ref_model "
+            f"(null turns it on with model.attn_implementation={self.model.attn_implementation})",
         )
         _require(
             self.engine.kind == "external" or self.engine.max_model_len >= self.trainer.max_token_len,

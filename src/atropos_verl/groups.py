@@ -3,9 +3,10 @@
 A group is ``[sequence][position]``: ``tokens`` (prompt + completion ids),
 ``masks`` (-100 = not trained, anywhere in the sequence), one ``score`` per
 sequence, and optional token-level ``advantages`` and ``inference_logprobs``
-aligned with ``tokens``. Environments send ``[]`` for optional lists they do
-not fill (BaseEnv's default ``collect_trajectories`` does), so an empty list
-means "absent" here.
+aligned with ``tokens``, as are ``ref_logprobs``; ``distill_token_ids`` /
+``distill_logprobs`` are ``[sequence][position][top_k]``. Environments send
+``[]`` for optional lists they do not fill (BaseEnv's default
+``collect_trajectories`` does), so an empty list means "absent" here.
 
 :func:`parse_group` turns one raw dict into a :class:`ScoredGroup` or raises
 :class:`GroupRejected` naming the group, the field and the reason, so that a
@@ -44,7 +45,9 @@ MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1e3
 # What the trainer reads from ``overrides[i]``; any other key is ignored (logged once).
 OVERRIDE_KEYS = ("set_advantage_to_zero", "sft", "temperature")
 # Fields atroposlib forwards that this trainer does not use yet (logged once when sent).
-UNUSED_FIELDS = ("ref_logprobs", "distill_token_ids", "distill_logprobs", "images")
+UNUSED_FIELDS = ("images",)
+# Largest teacher top-k per position accepted (the batch carries tokens x top_k ids and log-probs).
+MAX_DISTILL_TOP_K = 1024
 _reported_unused: set[str] = set()
 
 
@@ -61,6 +64,9 @@ class _RawGroup(BaseModel):
     scores: list[float]
     advantages: Optional[list[list[float]]] = None
     inference_logprobs: Optional[list[list[float]]] = None
+    ref_logprobs: Optional[list[list[float]]] = None
+    distill_token_ids: Optional[list[list[list[int]]]] = None
+    distill_logprobs: Optional[list[list[list[float]]]] = None
     overrides: Optional[list[Optional[dict[str, Any]]]] = None
     group_overrides: Optional[dict[str, Any]] = None
     generation_params: Optional[dict[str, Any]] = None
@@ -83,6 +89,12 @@ class ScoredGroup:
     # Numbers an environment reports about the group (``group_overrides["metrics"]``),
     # e.g. answer correctness and format separately; the trainer logs their means as env/<name>.
     env_metrics: dict[str, float] = field(default_factory=dict)
+    # Reference-model log-probs per token, aligned with tokens like inference_logprobs.
+    ref_logprobs: Optional[list[list[float]]] = None
+    # The teacher's top-k ids and log-probs for the token at each position ([seq][pos][k]);
+    # an empty list at a position: no teacher there.
+    distill_token_ids: Optional[list[list[list[int]]]] = None
+    distill_logprobs: Optional[list[list[list[float]]]] = None
 
     @property
     def size(self) -> int:
@@ -222,6 +234,11 @@ def parse_group(raw: Any, group_id: str, limits: GroupLimits) -> ScoredGroup:
         # Sampled tokens have log-probs <= 0; masked places carry a placeholder (atroposlib: 1.0).
         _check_aligned("inference_logprobs", inference_logprobs, tokens, group_id, _logprob_bounds, masks)
 
+    ref_logprobs = group.ref_logprobs if _present(group.ref_logprobs) else None
+    if ref_logprobs is not None:
+        _check_aligned("ref_logprobs", ref_logprobs, tokens, group_id, _logprob_bounds, masks)
+    distill_ids, distill_logprobs = _distillation(group, tokens, group_id, limits.vocab_size)
+
     overrides = group.overrides if _present(group.overrides) else None
     if overrides is not None and len(overrides) != len(tokens):
         raise GroupRejected(group_id, "overrides", f"{len(overrides)} entries for {len(tokens)} sequences")
@@ -240,7 +257,55 @@ def parse_group(raw: Any, group_id: str, limits: GroupLimits) -> ScoredGroup:
         zero_advantage=[_flag(o, "set_advantage_to_zero", i, group_id) for i, o in enumerate(per_sequence)],
         sft=[_flag(o, "sft", i, group_id) for i, o in enumerate(per_sequence)],
         env_metrics=_env_metrics(group.group_overrides),
+        ref_logprobs=ref_logprobs,
+        distill_token_ids=distill_ids,
+        distill_logprobs=distill_logprobs,
     )
+
+
+def _distillation(
+    group: _RawGroup, tokens: list[list[int]], group_id: str, vocab_size: int
+) -> tuple[Optional[list], Optional[list]]:
+    """The teacher's top-k, checked: [seq][pos][k] aligned with tokens, ids in the vocabulary and
+    distinct per position, log-probs finite and <= 0; both fields or neither."""
+    ids = group.distill_token_ids if _present(group.distill_token_ids) else None
+    logprobs = group.distill_logprobs if _present(group.distill_logprobs) else None
+    if ids is None and logprobs is None:
+        return None, None
+    if ids is None or logprobs is None:
+        missing = "distill_token_ids" if ids is None else "distill_logprobs"
+        given = "distill_logprobs" if ids is None else "distill_token_ids"
+        raise GroupRejected(group_id, missing, f"missing while {given} is sent: the teacher needs both")
+    for name, rows in (("distill_token_ids", ids), ("distill_logprobs", logprobs)):
+        if len(rows) != len(tokens):
+            raise GroupRejected(group_id, name, f"{len(rows)} sequences but tokens has {len(tokens)}")
+    for i, (seq_ids, seq_logprobs, toks) in enumerate(zip(ids, logprobs, tokens)):
+        for name, rows in (("distill_token_ids", seq_ids), ("distill_logprobs", seq_logprobs)):
+            if len(rows) != len(toks):
+                raise GroupRejected(group_id, f"{name}[{i}]", f"length {len(rows)} != tokens[{i}] length {len(toks)}")
+        for t, (top_ids, top_logprobs) in enumerate(zip(seq_ids, seq_logprobs)):
+            where = f"[{i}][{t}]"
+            if len(top_ids) != len(top_logprobs):
+                raise GroupRejected(
+                    group_id, f"distill_logprobs{where}", f"{len(top_logprobs)} values for {len(top_ids)} token ids"
+                )
+            if len(top_ids) > MAX_DISTILL_TOP_K:
+                raise GroupRejected(
+                    group_id, f"distill_token_ids{where}", f"top-k of {len(top_ids)} exceeds {MAX_DISTILL_TOP_K}"
+                )
+            if top_ids and (min(top_ids) < 0 or max(top_ids) >= vocab_size):
+                bad = min(top_ids) if min(top_ids) < 0 else max(top_ids)
+                raise GroupRejected(
+                    group_id, f"distill_token_ids{where}", f"token id {bad} outside the vocabulary [0, {vocab_size})"
+                )
+            if len(set(top_ids)) != len(top_ids):
+                raise GroupRejected(group_id, f"distill_token_ids{where}", "a token id appears twice")
+            for value in top_logprobs:
+                if not (math.isfinite(value) and MIN_LOGPROB <= value <= 0.0):
+                    raise GroupRejected(
+                        group_id, f"distill_logprobs{where}", f"{value} is not a log-prob in [{MIN_LOGPROB:g}, 0]"
+                    )
+    return ids, logprobs
 
 
 def _env_metrics(group_overrides: Optional[dict[str, Any]]) -> dict[str, float]:

@@ -23,6 +23,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from atropos_verl.regularizers import Regularizers, regularizer_terms
+
 REDUCTIONS = ("token-mean", "sequence-mean", "sum")
 
 
@@ -95,7 +97,15 @@ def advantage_weighted_token_loss(
     return per_sequence.sum() / trained.sum().clamp_min(1)
 
 
-def verl_policy_loss(model_output, data, dp_group=None, *, reduction: str = "token-mean", clip_ratio=None):
+def verl_policy_loss(
+    model_output,
+    data,
+    dp_group=None,
+    *,
+    reduction: str = "token-mean",
+    clip_ratio=None,
+    terms: Optional[Regularizers] = None,
+):
     """The objective as a verl ``TrainingWorker`` loss (bind the keywords with ``functools.partial``).
 
     The engine returns packed log-probs where slot ``t`` of a sequence holds
@@ -106,6 +116,7 @@ def verl_policy_loss(model_output, data, dp_group=None, *, reduction: str = "tok
     whole mini-batch on every data-parallel rank into ``batch_num_tokens``;
     dividing by it and multiplying by ``dp_size`` (FSDP averages gradients over
     ranks) makes the accumulated gradient exactly that of the global reduction.
+    ``terms`` adds KL, distillation and entropy terms (atropos_verl.regularizers).
     """
     logp = model_output["log_probs"].values()
     weight = data["loss_mask"].values().to(logp.dtype)
@@ -120,6 +131,11 @@ def verl_policy_loss(model_output, data, dp_group=None, *, reduction: str = "tok
     batch_weight = max(float(data["batch_num_tokens"]), 1e-12)
     scale = dp_size if reduction == "sum" else dp_size / batch_weight
     loss = torch.where(weight > 0, per_token, 0.0).mul(weight).sum() * scale
+    if terms is not None:
+        extra_loss, extra_metrics = regularizer_terms(
+            logp, model_output, data, weight, scale, dp_size / batch_weight, terms
+        )
+        loss = terms.policy_coef * loss + extra_loss
 
     # Metrics are weighted means over the mini-batch whatever the reduction: each
     # micro-batch reports its share (sum / global weight x dp_size), which verl's
@@ -140,4 +156,6 @@ def verl_policy_loss(model_output, data, dp_group=None, *, reduction: str = "tok
         if clip_ratio is not None:
             outside = ((torch.exp(detached - old_logp) - 1.0).abs() > clip_ratio).to(weight.dtype)
             metrics["actor/clip_fraction"] = (outside * weight).sum() * share
+    if terms is not None:
+        metrics.update(extra_metrics)
     return loss, metrics

@@ -77,6 +77,11 @@ def summary(records: list[dict[str, Any]], wall_s: Optional[float] = None) -> di
         mean_step_s=sum(r["timing/step_s"] for r in records) / len(records),
         mean_sync_s=_window_mean(records, "timing/sync_s", False),
     )
+    # Evaluations land at the steps they were reported: first and last report of each metric.
+    evals = sorted({key for r in records for key in r if key.startswith("eval/")})
+    result["evals"] = {
+        key: ([r[key] for r in records if key in r][0], [r[key] for r in records if key in r][-1]) for key in evals
+    }
     if wall_s is not None:
         result["wall_s"] = wall_s
     return result
@@ -102,6 +107,7 @@ def format_summary(stats: dict[str, Any], run_dir: Path) -> str:
             + (f", sync {f(stats['mean_sync_s'], '.2f')} s" if stats.get("mean_sync_s") is not None else ""),
             f"groups rejected  {stats['groups_rejected']}",
         ]
+        lines += [f"{key:<16} {f(first)} -> {f(last)}" for key, (first, last) in stats.get("evals", {}).items()]
     if "wall_s" in stats:
         lines.append(f"wall time        {stats['wall_s'] / 60:.1f} min")
     lines += [
@@ -132,6 +138,9 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> Path:
             alpha=0.15,
             label="min-max",
         )
+    for key in sorted({k for r in records for k in r if k.startswith("eval/")}):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        ax_reward.plot(*zip(*points), linestyle="--", marker="o", label=key)
     ax_reward.set(title="reward", xlabel="step")
     ax_reward.legend(loc="lower right")
     ax_loss.plot(steps, [r["train/loss"] for r in records], color="tab:blue")

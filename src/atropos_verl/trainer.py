@@ -180,6 +180,7 @@ class Trainer:
                     reduction=cfg.loss.reduction,
                     use_sampling_temperature=cfg.loss.use_sampling_temperature,
                     pad_to_multiple=policy.batch_multiple,
+                    reference_log_probs=bool(cfg.loss.ref_model),
                 )
                 await serving.before_training()
                 train_start = time.perf_counter()
@@ -204,6 +205,7 @@ class Trainer:
                     **source.client.counters(),
                     **advantage_stats.as_metrics(),
                     **batch_stats.as_metrics(),
+                    **source.envs.evals.new_metrics(),
                     "data/groups": len(validated.groups),
                     "data/groups_rejected": rejected_since_step,
                     "data/groups_rejected_total": progress.groups_rejected_total,

@@ -29,6 +29,7 @@ from typing import Optional
 from urllib.parse import urlsplit
 
 from atropos_verl.atropos.api_server import ApiServerProcess, api_answers
+from atropos_verl.atropos.evals import EvalReports
 from atropos_verl.atropos.run_env import API_KEY_ENV
 from atropos_verl.config import AtroposConfig, DataConfig, EnvSpec, TrainerConfig
 from atropos_verl.netutil import free_port, log_tail
@@ -119,8 +120,11 @@ def env_command(
     gateway: Optional[tuple[str, str]],
     launch: EnvLaunch = EnvLaunch(),
     group_size: Optional[int] = None,
+    eval_dir: Optional[Path] = None,
 ) -> list[str]:
     """``serve`` through the compat runner with what the trainer knows injected first; the spec's args win.
+
+    ``eval_dir`` is where the environment's ``evaluate_log`` writes its results (atropos.evals).
 
     ``gateway`` is (URL, served model name) when the trainer runs the engines; its API key
     goes in the environment (see :func:`env_environ`), never in the command.
@@ -137,6 +141,8 @@ def env_command(
         cmd += ["--env.total_steps", str(launch.total_steps)]
     if group_size is not None:
         cmd += ["--env.group_size", str(group_size)]
+    if eval_dir is not None:
+        cmd += ["--env.data_dir_to_save_evals", str(eval_dir)]
     if gateway is not None:
         url, model_name = gateway
         cmd += [
@@ -234,6 +240,7 @@ class EnvSupervisor:
         self.failure: Optional[str] = None
         self._task: Optional[asyncio.Task] = None
         self._owner: Optional[asyncio.Task] = None
+        self.evals = EvalReports()
 
     def start(
         self,
@@ -248,8 +255,10 @@ class EnvSupervisor:
         self._owner = asyncio.current_task()
         environ = env_environ(gateway, api_key)
         for spec in self.cfg.envs:
-            command = env_command(spec, api_url, model_path, gateway, launch, self.cfg.group_size)
             for index in range(spec.replicas):
+                eval_dir = self.log_dir / "evals" / f"{spec.name}-{index}"
+                self.evals.add(eval_dir, spec.name)
+                command = env_command(spec, api_url, model_path, gateway, launch, self.cfg.group_size, eval_dir)
                 label = f"environment {spec.name}[{index}]"
                 process = _EnvProcess(
                     spec, index, command, ChildProcess(label, self.log_dir / f"{spec.name}-{index}.log"), environ

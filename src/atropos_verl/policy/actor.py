@@ -27,12 +27,14 @@ from tensordict import TensorDict
 from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
 from verl.utils import tensordict_utils as tu
 
+from atropos_verl.assets import resolve_model_path
 from atropos_verl.batch import pack_sequences
 from atropos_verl.config import RunConfig
 from atropos_verl.loss import verl_policy_loss
 from atropos_verl.placement import node_gpus, resolve_placement
 from atropos_verl.policy.verl_config import training_worker_config
 from atropos_verl.policy.worker import PolicyWorker
+from atropos_verl.regularizers import COMPUTE_ENTROPY, RATIO_METRICS, Regularizers
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +141,17 @@ def _as_list(value: Any) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
+def _regularizer_metrics(raw: dict[str, Any]) -> dict[str, float]:
+    """verl's names for the extra terms' means (atropos_verl.regularizers), where their tokens were in the batch."""
+    metrics = {}
+    for name, value_share, weight_share in RATIO_METRICS:
+        if weight_share in raw and _total(raw[weight_share]) > 0:
+            metrics[name] = _total(raw[value_share]) / _total(raw[weight_share])
+    if "actor/entropy" in raw:
+        metrics["actor/entropy"] = _mean(raw["actor/entropy"])
+    return metrics
+
+
 class Actor:
     """Driver-side handle on the policy's FSDP2 workers."""
 
@@ -170,10 +183,19 @@ class Actor:
             ray_cls_with_init=RayClassWithInitArgs(ray.remote(worker_cls), config=worker_config, device=self.device),
             device_name=self.device,
         )
+        self.regularizers = Regularizers.from_config(cfg.loss)
         self.workers.set_loss_fn(
-            partial(verl_policy_loss, reduction=cfg.loss.reduction, clip_ratio=cfg.loss.clip_ratio)
+            partial(
+                verl_policy_loss,
+                reduction=cfg.loss.reduction,
+                clip_ratio=cfg.loss.clip_ratio,
+                terms=self.regularizers,
+            )
         )
         self.workers.reset()
+        if cfg.loss.ref_model:
+            reference = model_path if cfg.loss.ref_model == "policy" else resolve_model_path(cfg.loss.ref_model)
+            self.workers.load_reference(reference, cfg.model.attn_implementation, cfg.model.trust_remote_code)
         self.data_parallel_size = cfg.trainer.world_size // cfg.actor.ulysses_sequence_parallel_size
         logger.info(
             "policy workers ready: %d x %s, data-parallel %d, ulysses %d (%s)",
@@ -197,6 +219,8 @@ class Actor:
             epochs=1,
             seed=self.cfg.actor.seed,
         )
+        if self.regularizers.needs_entropy:
+            tu.assign_non_tensor(batch, **{COMPUTE_ENTROPY: True})
         output = self.workers.train_mini_batch(batch).get()
         raw = tu.get(output, "metrics")
         metrics = {
@@ -213,6 +237,7 @@ class Actor:
             )
         if "actor/clip_fraction" in raw:
             metrics["train/clip_fraction"] = _mean(raw["actor/clip_fraction"])
+        metrics.update(_regularizer_metrics(raw))
         if "mfu" in raw:
             metrics["perf/mfu"] = _mean(raw["mfu"])
         if "perf/max_memory_allocated_gb" in raw:

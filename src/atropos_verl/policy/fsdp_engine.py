@@ -28,8 +28,10 @@ changes four things:
   per operator and parameter (~290 parameters at 0.5B). The optimizer itself is
   torch's fused AdamW on CUDA (``actor.fused_optimizer``, set in atropos_verl.policy.actor).
 
-Other layouts and outputs (packed rows, fused kernels, entropy, distillation,
-multi-modal inputs) go through verl's own step, and other gradient layouts
+The padded-rows step also hands the loss what atropos_verl.regularizers reads from
+the logits (entropy, the student's logits at a teacher's top-k ids), at trained
+positions only. Other layouts and outputs (packed rows, fused kernels, verl's own
+entropy and distillation options, multi-modal inputs) go through verl's own step, and other gradient layouts
 (HSDP, scaler, QAT) through verl's optimizer step.
 """
 
@@ -50,7 +52,9 @@ from verl.workers.engine.fsdp import transformer_impl
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 from verl.workers.engine.utils import detach_tree, postprocess_batch_func, prepare_micro_batches
 
+from atropos_verl.policy.reference import with_reference_log_probs
 from atropos_verl.policy.rows import cuts_by_offsets, select_rows
+from atropos_verl.regularizers import logit_inputs, logit_outputs
 
 # Micro-batch options whose outputs only verl's own step produces (all off by default).
 _VERL_STEP_OPTIONS = (
@@ -216,6 +220,9 @@ def clip_sharded_grad_norm_(parameters, max_norm: float) -> torch.Tensor | None:
 class PolicyEngine(FSDPEngineWithLMHead):
     """verl's FSDP engine for language models with the host-side savings described in the module docstring."""
 
+    # A frozen reference model (atropos_verl.policy.reference), set by PolicyWorker.load_reference.
+    reference = None
+
     def forward_backward_batch(self, data: TensorDict, loss_function, forward_only=False):
         if not cuts_micro_batches_by_rows(data):
             return read_back(super().forward_backward_batch(data, loss_function, forward_only))
@@ -318,6 +325,9 @@ class PolicyEngine(FSDPEngineWithLMHead):
                 temperature = torch.full((rows.rows,), float(temperature))
             temperature = _to_device(temperature.to(torch.float32), device).view(rows.rows, 1, 1)
         data = _batch_to_device(micro_batch, device)
+        extra_inputs = logit_inputs(micro_batch, rows.slots if not rows.full else None)
+        if extra_inputs is not None:
+            extra_inputs = extra_inputs.to(device)
 
         autocast_dtype = getattr(self, "_autocast_dtype", torch.bfloat16)
         autocast = (
@@ -331,10 +341,26 @@ class PolicyEngine(FSDPEngineWithLMHead):
                 logits, temperature, is_unit_temperature=unit_temperature
             )
             # Looked up on verl's module so that atropos_verl.policy.logprobs.install() applies.
-            log_probs = transformer_impl.logprobs_from_logits(logits=logits, labels=labels).flatten()
+            # The entropy's backward reads the logits: their storage must not take the log-probs' gradient.
+            inplace = extra_inputs is None or not extra_inputs.entropy
+            log_probs = transformer_impl.logprobs_from_logits(
+                logits=logits, labels=labels, inplace_backward=inplace
+            ).flatten()
             if slots is not None:
                 log_probs = log_probs.index_select(0, slots)
             model_output = {"log_probs": torch.nested.nested_tensor_from_jagged(log_probs, data["input_ids"].offsets())}
+            if extra_inputs is not None:
+                model_output.update(logit_outputs(logits, extra_inputs, log_probs.numel()))
+            if self.reference is not None and "ref_log_probs" in data.keys():
+                with torch.no_grad():
+                    ref_logits = self.reference(**model_inputs, use_cache=False).logits
+                    ref_logits = transformer_impl._scale_logits_by_temperature(
+                        ref_logits, temperature, is_unit_temperature=unit_temperature
+                    )
+                    ref_log_probs = transformer_impl.logprobs_from_logits(logits=ref_logits, labels=labels).flatten()
+                    if slots is not None:
+                        ref_log_probs = ref_log_probs.index_select(0, slots)
+                data = with_reference_log_probs(data, ref_log_probs)
             if loss_function is not None:
                 loss, metrics = loss_function(
                     model_output=model_output, data=data, dp_group=self.get_data_parallel_group()

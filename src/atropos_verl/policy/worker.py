@@ -144,6 +144,14 @@ class PolicyWorker(TrainingWorker):
         return [length for rank_lengths in gathered for length in rank_lengths]
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def load_reference(self, path: str, attn_implementation: str, trust_remote_code: bool) -> None:
+        """Hold a frozen reference model next to the policy (atropos_verl.policy.reference)."""
+        from atropos_verl.policy.fsdp_engine import _device
+        from atropos_verl.policy.reference import load_reference
+
+        self.engine.reference = load_reference(path, _device(), attn_implementation, trust_remote_code)
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def export_weights(self, out_dir: str, bucket_bytes: int, dtype: str) -> dict[str, float]:
         """Write the full policy into ``out_dir`` in the folder transport's format; rank 0 writes.
 
