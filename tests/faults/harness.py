@@ -8,8 +8,9 @@ to the next training step).
 
 Losses are counted end to end: the environments write down every group they posted
 (tests/envs/ledger.py), the harness adds what it posted itself, and the balance is
-posted = trained + rejected + still queued in the API at the end (+ what an API took
-with it when the fault killed it, read from the API just before). Trained and rejected
+posted = trained + rejected + still held by the API at the end (its queue and the batches it
+has formed but not handed out, drained) (+ what an API took with it when the fault killed
+it, read from the API just before). Trained and rejected
 come from the metrics of each step of the final run (a step replayed after a resume
 counts once). Double training is read from the spool's lineage.
 """
@@ -65,9 +66,23 @@ def _final_steps(run_dir: Path) -> list[dict]:
 
 
 def _queued(api_url: str) -> int:
-    """Groups waiting in run-api's queue."""
+    """Groups waiting in run-api's queue (not those already formed into batches)."""
     with urllib.request.urlopen(f"{api_url}/status", timeout=10) as resp:
         return int(json.loads(resp.read())["queue_size"])
+
+
+def _left_in_api(api_url: str) -> int:
+    """Every group run-api still holds once the trainer is gone: it forms all the batches it can
+    at once and hands them out one per ``/batch``, so those are drained and counted, then the rest
+    of the queue (too few groups for a batch) is read."""
+    drained = 0
+    for _ in range(1000):
+        with urllib.request.urlopen(f"{api_url}/batch", timeout=10) as resp:
+            batch = json.loads(resp.read()).get("batch")
+        if not batch:
+            break
+        drained += len(batch)
+    return drained + _queued(api_url)
 
 
 def _posted_before_reset(api_log: Path) -> int:
@@ -149,7 +164,7 @@ def _result(
     posted = posted_groups(_ledger(run_dir)) + also_posted
     trained = int(sum(m["data/groups"] for m in final))
     rejected = int(sum(m["data/groups_rejected"] for m in final))
-    queued = _queued(api_url) if api_url is not None else 0
+    queued = _left_in_api(api_url) if api_url is not None else 0
     balance = posted - trained - rejected - queued - dropped_with_api - dropped_by_reset
     spool = run_dir / "spool.sqlite"
     audit = lineage(spool) if spool.exists() else None
@@ -208,7 +223,7 @@ def api_restart(tmp: Path) -> FaultResult:
             os.kill(pid, signal.SIGSTOP)
         try:
             time.sleep(0.5)
-            holder["dropped"] = _queued(holder["api"].url)
+            holder["dropped"] = _left_in_api(holder["api"].url)
             holder["api"].stop()
         finally:
             for pid in frozen:
