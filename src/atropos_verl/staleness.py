@@ -51,8 +51,6 @@ class StalenessReport:
             metrics["staleness/mean"] = sum(self.trained) / len(self.trained)
             metrics["staleness/max"] = max(self.trained)
             metrics["staleness/min"] = min(self.trained)
-        if self.dropped:
-            metrics["staleness/dropped_min"] = min(self.dropped)
         return metrics
 
 

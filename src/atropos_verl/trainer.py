@@ -138,7 +138,9 @@ class Trainer:
         metrics_logger: MetricsLogger,
     ) -> None:
         cfg, progress = self.cfg, self.progress
-        last_saved, rejected_since_step, stale_since_step = progress.step, 0, 0
+        last_saved, rejected_since_step = progress.step, 0
+        # Staleness of the groups trainer.max_staleness dropped since the last step.
+        dropped_since_step: list[int] = []
         with contextlib.closing(
             ProgressBar(cfg.trainer.total_training_steps, progress.step, cfg.trainer.progress_bar)
         ) as bar:
@@ -156,7 +158,7 @@ class Trainer:
                     cfg.trainer.max_staleness,
                     cfg.trainer.stale_groups,
                 )
-                stale_since_step += len(staleness.dropped)
+                dropped_since_step += staleness.dropped
                 progress.groups_stale_total += len(staleness.dropped)
                 validated.groups = fresh
                 if not validated.groups:
@@ -192,7 +194,8 @@ class Trainer:
                     **advantage_stats.as_metrics(),
                     **batch_stats.as_metrics(),
                     **staleness.as_metrics(),
-                    "staleness/groups_dropped": stale_since_step,
+                    "staleness/groups_dropped": len(dropped_since_step),
+                    **({"staleness/dropped_min": min(dropped_since_step)} if dropped_since_step else {}),
                     "staleness/groups_dropped_total": progress.groups_stale_total,
                     "data/groups": len(validated.groups),
                     "data/groups_rejected": rejected_since_step,
@@ -202,7 +205,7 @@ class Trainer:
                     "timing/step_s": time.perf_counter() - step_start,
                     "perf/tokens_per_s": batch_stats.num_tokens / max(train_s, 1e-9),
                 }
-                rejected_since_step = stale_since_step = 0
+                rejected_since_step, dropped_since_step = 0, []
                 metrics_logger.log(progress.step, metrics)
                 bar.update(metrics, (await source.client.status()).queue_size if cfg.trainer.progress_bar else None)
                 _log_step(progress.step, cfg.trainer.total_training_steps, metrics)
