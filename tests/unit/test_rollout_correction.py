@@ -199,3 +199,20 @@ def test_keeping_stale_groups_with_a_correction_and_a_float_threshold_are_accept
         }
     )
     assert cfg.rollout_correction.is_bounds() == (None, 1.5)
+
+
+@pytest.mark.parametrize(
+    "overrides, warned",
+    [
+        ({}, True),
+        ({"rollout_correction": {"rollout_is": "token"}}, False),
+        ({"loss": {"clip_ratio": 0.2}}, False),
+        ({"engine": {"kind": "vllm"}}, False),
+    ],
+)
+def test_external_engine_without_a_correction_warns_at_start_up(overrides, warned, caplog):
+    from atropos_verl.trainer import _warn_uncorrected_external
+
+    with caplog.at_level("WARNING", logger="atropos_verl.trainer"):
+        _warn_uncorrected_external(load_config(overrides))
+    assert ("no off-policy correction is on" in caplog.text) == warned
