@@ -58,6 +58,8 @@ class Progress:
     step: int = 0
     groups_trained_total: int = 0
     groups_rejected_total: int = 0
+    # Dropped by trainer.max_staleness (trained neither now nor later).
+    groups_stale_total: int = 0
 
 
 def _fsync_path(path: Path) -> None:

@@ -12,6 +12,7 @@ tie fields together.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -209,6 +210,103 @@ class LossConfig:
         )
 
 
+IS_LEVELS = ("token", "sequence")
+# A ratio bound (k1) means nothing for a sequence's largest token, so there is no seq_max_k1 (as in verl).
+RS_OPTIONS = (
+    "token_k1",
+    "token_k2",
+    "token_k3",
+    "seq_sum_k1",
+    "seq_sum_k2",
+    "seq_sum_k3",
+    "seq_mean_k1",
+    "seq_mean_k2",
+    "seq_mean_k3",
+    "seq_max_k2",
+    "seq_max_k3",
+)
+
+
+def _positive_number(text: str, key: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{key}: {text!r} is not a number") from None
+    _require(math.isfinite(value) and value > 0, key, f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def _bounds(spec: str, key: str) -> tuple[Optional[float], float]:
+    """``"upper"`` or ``"lower_upper"`` (verl's threshold strings) as (lower or None, upper)."""
+    if "_" not in spec:
+        return None, _positive_number(spec, key)
+    lower_text, upper_text = spec.split("_", 1)
+    lower, upper = _positive_number(lower_text, key), _positive_number(upper_text, key)
+    _require(lower <= upper, key, f"lower bound must be <= upper bound, got {spec!r}")
+    return lower, upper
+
+
+@dataclass
+class RolloutCorrectionConfig:
+    """Importance-sampling correction between the sampler's log-probs and the trainer's (verl's names).
+
+    The weight is ``r = pi_trainer / pi_sampler`` per token (``rollout_is=token``) or its
+    product over the sequence (``sequence``), from the trainer's log-probs before the
+    update and the environment's ``inference_logprobs``; it multiplies each token's
+    objective. Sequences without ``inference_logprobs`` are left as they are. Metrics
+    (``rollout_corr/*``) are logged whether or not the correction is on.
+    """
+
+    # null: no weights; token: per-token ratio (biased, low variance); sequence: product (unbiased, high variance).
+    rollout_is: Optional[str] = _f(None, choices=IS_LEVELS)
+    # "2.0": weights truncated at 2.0 (TIS); "0.5_2.0": weights outside [0.5, 2.0] set to 0 (masked).
+    rollout_is_threshold: str = "2.0"
+    # Rejection of tokens/sequences whose divergence is too large, comma-separated options
+    # <level>_<k>: level token|seq_sum|seq_mean|seq_max, k1 (ratio in [lower, upper]),
+    # k2 (0.5 log(r)^2 <= upper) or k3 (r - 1 - log r <= upper). null: none.
+    rollout_rs: Optional[str] = None
+    # One threshold per rollout_rs option, or one for all; k1 takes "lower_upper" or "upper" (lower 1/upper).
+    rollout_rs_threshold: Optional[str] = None
+
+    def is_bounds(self) -> tuple[Optional[float], float]:
+        return _bounds(self.rollout_is_threshold.strip(), "rollout_correction.rollout_is_threshold")
+
+    def rejections(self) -> list[tuple[str, Optional[float], float]]:
+        """Each rollout_rs option with its (lower, upper) bounds; lower is None except for k1."""
+        if self.rollout_rs is None:
+            return []
+        options = list(dict.fromkeys(o.strip() for o in self.rollout_rs.split(",") if o.strip()))
+        key = "rollout_correction.rollout_rs"
+        _require(bool(options), key, "must name at least one option or be null")
+        for option in options:
+            _require(option in RS_OPTIONS, key, f"unknown option {option!r}; one of {', '.join(RS_OPTIONS)}")
+        threshold_key = "rollout_correction.rollout_rs_threshold"
+        _require(self.rollout_rs_threshold is not None, threshold_key, "must be set when rollout_rs is")
+        specs = [t.strip() for t in str(self.rollout_rs_threshold).split(",") if t.strip()]
+        _require(
+            len(specs) in (1, len(options)), threshold_key, f"needs 1 or {len(options)} thresholds, got {len(specs)}"
+        )
+        specs = specs * len(options) if len(specs) == 1 else specs
+        parsed = []
+        for option, spec in zip(options, specs):
+            lower, upper = _bounds(spec, threshold_key)
+            if option.endswith("k1"):
+                parsed.append((option, lower if lower is not None else 1.0 / upper, upper))
+            else:
+                _require(lower is None, threshold_key, f"{option} takes an upper bound only, got {spec!r}")
+                parsed.append((option, None, upper))
+        return parsed
+
+    @property
+    def enabled(self) -> bool:
+        return self.rollout_is is not None or self.rollout_rs is not None
+
+    def validate(self) -> None:
+        check_fields(self, "rollout_correction")
+        self.is_bounds()
+        self.rejections()
+
+
 @dataclass
 class ActorConfig:
     """verl FSDP2 training engine settings (verl's names where they exist)."""
@@ -308,6 +406,11 @@ class EngineConfig:
     # Mean |trainer - engine| log-prob on the probe above which the run stops (null: only log).
     sync_check_threshold: Optional[float] = _f(0.05, gt=0)
     sync_probe_sequences: int = _f(2, ge=0)
+    # Push weights after every sync_interval-th step only (fewer syncs, staler samples: see trainer.max_staleness).
+    sync_interval: int = _f(1, ge=1)
+    # Completions the gateway remembers to tell the trainer which policy version sampled each
+    # sequence; make it several batches of sequences (older ones are forgotten and count as unknown).
+    lineage_capacity: int = _f(65536, ge=1)
     # A replica failing this many health checks in a row, health_interval seconds apart,
     # is restarted and given the current weights before it serves again.
     health_interval: float = _f(10.0, gt=0)
@@ -438,6 +541,11 @@ class TrainerConfig:
     resume: str = _f("auto", choices=("auto", "disable"))
     # A live progress bar per step (off in logs and tests).
     progress_bar: bool = True
+    # Groups sampled more than this many policy versions before the one being updated are dropped
+    # (stale_groups=drop) or trained with the rollout correction's weights (keep); both are counted.
+    # null: no bound. Unknown versions (engine=external) are never bounded.
+    max_staleness: Optional[int] = _f(None, ge=0)
+    stale_groups: str = _f("drop", choices=("drop", "keep"))
 
     def validate(self) -> None:
         check_fields(self, "trainer")
@@ -453,6 +561,7 @@ class RunConfig:
     atropos: AtroposConfig = field(default_factory=AtroposConfig)
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -464,6 +573,7 @@ class RunConfig:
             self.atropos,
             self.advantage,
             self.loss,
+            self.rollout_correction,
             self.actor,
             self.engine,
             self.data,
@@ -515,6 +625,18 @@ class RunConfig:
             "actor.max_token_len_per_gpu",
             f"must be >= trainer.max_token_len ({self.trainer.max_token_len}) with actor.use_dynamic_bsz, "
             f"got {self.actor.max_token_len_per_gpu}",
+        )
+        _require(
+            self.rollout_correction.rollout_is is None or self.loss.clip_ratio is None,
+            "rollout_correction.rollout_is",
+            "must be null with loss.clip_ratio: the clipped ratio against inference_logprobs already is the "
+            "importance correction (rollout_rs combines with either)",
+        )
+        _require(
+            self.trainer.stale_groups == "drop" or self.rollout_correction.enabled,
+            "trainer.stale_groups",
+            "keep trains groups over trainer.max_staleness with importance weights: set "
+            "rollout_correction.rollout_is (or rollout_rs), or use drop",
         )
         data = self.data
         if data.max_prompt_length and data.max_response_length:

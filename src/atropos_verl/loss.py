@@ -18,6 +18,8 @@ Two entry points share :func:`token_objective`:
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -97,6 +99,127 @@ def advantage_weighted_token_loss(
     return per_sequence.sum() / trained.sum().clamp_min(1)
 
 
+# --- rollout correction: importance weights between the sampler and the trainer ---------------
+#
+# The sampler's log-probs (the env's ``inference_logprobs``) come from an older policy
+# and another engine; the trainer's, before the update, are the current policy's. Their
+# ratio ``r = exp(logp_trainer - logp_sampler)`` per token, or its product over a
+# sequence, weights each token's objective (detached: the weight changes the measure,
+# not the objective), truncated above a threshold or zeroed outside bounds, and
+# rejection options zero whole tokens or sequences whose divergence is too large.
+# Names follow verl's ``algorithm.rollout_correction`` where the meaning is the same.
+
+# exp() of a larger log-ratio overflows float32; beyond it a weight is "huge" anyway.
+_LOG_RATIO_BOUND = 20.0
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """One ``rollout_rs`` option: k1 keeps a ratio in [lower, upper], k2/k3 a divergence <= upper."""
+
+    option: str
+    upper: float
+    lower: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class RolloutCorrection:
+    """Parsed ``rollout_correction`` settings (see :class:`atropos_verl.config.RolloutCorrectionConfig`)."""
+
+    rollout_is: Optional[str] = None
+    is_upper: float = 2.0
+    # Set: weights outside [is_lower, is_upper] are zeroed (masked) instead of truncated at is_upper.
+    is_lower: Optional[float] = None
+    rejections: tuple[Rejection, ...] = ()
+
+
+def _sequence_reduce(values: torch.Tensor, sequence_ids: torch.Tensor, num_sequences: int, how: str) -> torch.Tensor:
+    """Per-sequence sum / mean / max of the token values (already zero or -inf where not counted)."""
+    if how == "max":
+        out = torch.full((num_sequences,), float("-inf"), dtype=values.dtype, device=values.device)
+        return out.scatter_reduce(0, sequence_ids, values, reduce="amax")
+    return torch.zeros(num_sequences, dtype=values.dtype, device=values.device).index_add(0, sequence_ids, values)
+
+
+def _divergence(log_ratio: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "k1":
+        return log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio**2
+    return torch.exp(log_ratio) - 1.0 - log_ratio
+
+
+def _rejection_keep(
+    rejection: Rejection,
+    log_ratio: torch.Tensor,
+    corrected: torch.Tensor,
+    sequence_ids: torch.Tensor,
+    num_sequences: int,
+) -> torch.Tensor:
+    """1.0 for tokens ``rejection`` keeps, 0.0 for the rejected (a sequence option rejects whole sequences)."""
+    level, kind = rejection.option.rsplit("_", 1)
+    per_token = torch.where(corrected, _divergence(log_ratio, kind), 0.0)
+    if level == "token":
+        statistic = per_token
+    else:
+        how = level.removeprefix("seq_")
+        counted = per_token if how != "max" else torch.where(corrected, per_token, float("-inf"))
+        per_sequence = _sequence_reduce(counted, sequence_ids, num_sequences, how)
+        if how == "mean":
+            tokens = _sequence_reduce(corrected.to(log_ratio.dtype), sequence_ids, num_sequences, "sum")
+            per_sequence = per_sequence / tokens.clamp_min(1.0)
+        statistic = per_sequence[sequence_ids]
+    if kind == "k1":
+        # k1 bounds the ratio itself (the statistic is its log).
+        assert rejection.lower is not None
+        keep = (statistic >= math.log(rejection.lower)) & (statistic <= math.log(rejection.upper))
+    else:
+        keep = statistic <= rejection.upper
+    return keep.to(log_ratio.dtype)
+
+
+def rollout_correction_weights(
+    log_ratio: torch.Tensor,
+    corrected: torch.Tensor,
+    sequence_ids: torch.Tensor,
+    num_sequences: int,
+    correction: RolloutCorrection,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token multipliers of the objective (1 where not ``corrected``) and per-token statistics.
+
+    Args:
+        log_ratio: ``logp_trainer - logp_sampler`` per token of the packed batch (detached).
+        corrected: bool, the trained tokens that have sampler log-probs.
+        sequence_ids: the sequence each token belongs to, in ``[0, num_sequences)``.
+    Returns the weights and, per token, ``raw`` (the untruncated IS weight), ``truncated`` and
+    ``masked`` (0/1), for the caller to reduce over the tokens it counts.
+    """
+    log_ratio = torch.where(corrected, log_ratio, 0.0).clamp(-_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)
+    ones = torch.ones_like(log_ratio)
+    if correction.rollout_is == "sequence":
+        per_sequence = _sequence_reduce(log_ratio, sequence_ids, num_sequences, "sum")
+        raw = torch.exp(per_sequence.clamp(-_LOG_RATIO_BOUND, _LOG_RATIO_BOUND))[sequence_ids]
+    else:
+        raw = torch.exp(log_ratio)
+    truncated = torch.zeros_like(log_ratio)
+    masked = torch.zeros_like(log_ratio)
+    if correction.rollout_is is None:
+        weights = ones
+    elif correction.is_lower is None:
+        truncated = (raw > correction.is_upper).to(raw.dtype)
+        weights = raw.clamp(max=correction.is_upper)
+    else:
+        inside = (raw >= correction.is_lower) & (raw <= correction.is_upper)
+        masked = (~inside).to(raw.dtype)
+        weights = torch.where(inside, raw, 0.0)
+    for rejection in correction.rejections:
+        keep = _rejection_keep(rejection, log_ratio, corrected, sequence_ids, num_sequences)
+        masked = torch.maximum(masked, 1.0 - keep)
+        weights = weights * keep
+    weights = torch.where(corrected, weights, 1.0)
+    return weights, {"raw": raw, "truncated": truncated * corrected, "masked": masked * corrected}
+
+
 def verl_policy_loss(
     model_output,
     data,
@@ -105,6 +228,7 @@ def verl_policy_loss(
     reduction: str = "token-mean",
     clip_ratio=None,
     terms: Optional[Regularizers] = None,
+    rollout_correction: Optional[RolloutCorrection] = None,
 ):
     """The objective as a verl ``TrainingWorker`` loss (bind the keywords with ``functools.partial``).
 
@@ -127,6 +251,15 @@ def verl_policy_loss(
     old_logp = torch.where(has_old > 0, old_logp, logp.detach())
 
     per_token = token_objective(logp, advantages, old_logp, clip_ratio)
+    corrected = (weight > 0) & (has_old > 0)
+    log_ratio = torch.where(corrected, logp.detach() - old_logp, 0.0).float().clamp(-_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)
+    offsets = data["loss_mask"].offsets()
+    lengths = offsets.diff()
+    sequence_ids = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths).to(logp.device)
+    is_weights, is_stats = rollout_correction_weights(
+        log_ratio, corrected, sequence_ids, len(lengths), rollout_correction or RolloutCorrection()
+    )
+    per_token = per_token * is_weights.to(per_token.dtype)
     dp_size = float(data["dp_size"])
     batch_weight = max(float(data["batch_num_tokens"]), 1e-12)
     scale = dp_size if reduction == "sum" else dp_size / batch_weight
@@ -153,6 +286,21 @@ def verl_policy_loss(
             "actor/inference_logprob_abs_diff_share": ((detached - old_logp).abs() * sampled_weight).sum() * share,
             "actor/inference_logprob_weight_share": sampled_weight.sum() * share,
         }
+        # The sampler/trainer mismatch, whether or not the correction is applied (verl's rollout_corr/ names).
+        counted = sampled_weight.float()
+        metrics.update(
+            {
+                "rollout_corr/kl_share": (-log_ratio * counted).sum() * share,
+                "rollout_corr/k3_kl_share": ((torch.exp(log_ratio) - 1.0 - log_ratio) * counted).sum() * share,
+                "rollout_corr/rollout_is_mean_share": (torch.where(corrected, is_weights, 0.0) * counted).sum() * share,
+                "rollout_corr/rollout_is_truncated_fraction_share": (is_stats["truncated"] * counted).sum() * share,
+                "rollout_corr/masked_fraction_share": (is_stats["masked"] * counted).sum() * share,
+                # A max, not a share: the engine reduces "_max" metrics by max (no host sync here).
+                "rollout_corr/rollout_is_max": torch.cat(
+                    [torch.where(corrected, is_stats["raw"], 0.0), torch.zeros(1, device=logp.device)]
+                ).max(),
+            }
+        )
         if clip_ratio is not None:
             outside = ((torch.exp(detached - old_logp) - 1.0).abs() > clip_ratio).to(weight.dtype)
             metrics["actor/clip_fraction"] = (outside * weight).sum() * share

@@ -5,6 +5,7 @@ each stage lives in its own module:
 
     atropos.batches     the next batch: spooled ones a crash left untrained, then the API's
     groups              validate every group; reject bad ones with a reason
+    staleness           which policy version sampled each group; trainer.max_staleness
     advantages          per-token advantages (env-given, or from scores)
     batch               pack into verl's no-padding TensorDict (shifted layout)
     policy.actor        verl FSDP2 workers run the advantage-weighted token loss
@@ -47,6 +48,7 @@ from atropos_verl.policy.actor import Actor, resolve_device
 from atropos_verl.report import ProgressBar, finish
 from atropos_verl.serving.service import InferenceService, NoServing, serving_for
 from atropos_verl.spool import GroupSpool
+from atropos_verl.staleness import bound_staleness
 from atropos_verl.stopping import StopSignals, finish_in_thread
 
 logger = logging.getLogger(__name__)
@@ -69,6 +71,7 @@ class Trainer:
         # Before anything starts: more GPUs asked for than visible fails here, not inside verl.
         placement = resolve_placement(cfg.trainer, cfg.engine, device, node_gpus() if device == "cuda" else [])
         started_at = time.monotonic()
+        _warn_uncorrected_external(cfg)
         model_path = resolve_model_path(cfg.model.path)
         limits = GroupLimits(
             vocab_size=model_info(model_path, cfg.model.trust_remote_code).vocab_size,
@@ -158,6 +161,8 @@ class Trainer:
     ) -> None:
         cfg, progress = self.cfg, self.progress
         last_saved, rejected_since_step = progress.step, 0
+        # Staleness of the groups trainer.max_staleness dropped since the last step.
+        dropped_since_step: list[int] = []
         with contextlib.closing(
             ProgressBar(cfg.trainer.total_training_steps, progress.step, cfg.trainer.progress_bar)
         ) as bar:
@@ -168,8 +173,18 @@ class Trainer:
                 validated = validate_batch(raw_groups, progress.step + 1, limits)
                 rejected_since_step += len(validated.rejected)
                 progress.groups_rejected_total += len(validated.rejected)
+                fresh, staleness = bound_staleness(
+                    validated.groups,
+                    serving.lineage,
+                    progress.step,
+                    cfg.trainer.max_staleness,
+                    cfg.trainer.stale_groups,
+                )
+                dropped_since_step += staleness.dropped
+                progress.groups_stale_total += len(staleness.dropped)
+                validated.groups = fresh
                 if not validated.groups:
-                    logger.warning("every group of the batch was rejected; waiting for the next batch")
+                    logger.warning("every group of the batch was rejected or too stale; waiting for the next batch")
                     source.done(batch_id, progress.step)
                     continue
 
@@ -206,6 +221,10 @@ class Trainer:
                     **advantage_stats.as_metrics(),
                     **batch_stats.as_metrics(),
                     **source.envs.evals.new_metrics(),
+                    **staleness.as_metrics(),
+                    "staleness/groups_dropped": len(dropped_since_step),
+                    **({"staleness/dropped_min": min(dropped_since_step)} if dropped_since_step else {}),
+                    "staleness/groups_dropped_total": progress.groups_stale_total,
                     "data/groups": len(validated.groups),
                     "data/groups_rejected": rejected_since_step,
                     "data/groups_rejected_total": progress.groups_rejected_total,
@@ -216,7 +235,7 @@ class Trainer:
                     "timing/step_s": time.perf_counter() - step_start,
                     "perf/tokens_per_s": batch_stats.num_tokens / max(train_s, 1e-9),
                 }
-                rejected_since_step = 0
+                rejected_since_step, dropped_since_step = 0, []
                 metrics_logger.log(progress.step, metrics)
                 bar.update(metrics, (await source.client.status()).queue_size if cfg.trainer.progress_bar else None)
                 _log_step(progress.step, cfg.trainer.total_training_steps, metrics)
@@ -299,6 +318,17 @@ class Trainer:
         await finish_in_thread(self.checkpoints.commit, dataclasses.replace(self.progress))
         source.checkpoint_committed(step)
         logger.info("checkpoint saved at step %d: %s", step, self.checkpoints.step_dir(step))
+
+
+def _warn_uncorrected_external(cfg: RunConfig) -> None:
+    """engine=external: the trainer never updates the sampler, so every step trains on older data."""
+    if cfg.engine.kind == "external" and not cfg.rollout_correction.enabled and cfg.loss.clip_ratio is None:
+        logger.warning(
+            "engine=external: the trainer cannot update the environments' inference servers, so their samples "
+            "come from a policy that falls further behind every step, and no off-policy correction is on; set "
+            "rollout_correction.rollout_is=token (or loss.clip_ratio) unless those servers load the trainer's "
+            "checkpoints themselves"
+        )
 
 
 def _log_step(step: int, total: int, metrics: dict[str, float]) -> None:

@@ -30,6 +30,7 @@ from atroposlib.envs.server_handling.vllm_server import VLLMServer
 from atropos_verl.netutil import free_port
 from atropos_verl.procs import ChildFailed, ChildProcess, http_ok
 from atropos_verl.serving.gateway import Gateway
+from atropos_verl.serving.lineage import PolicyLineage
 
 pytestmark = pytest.mark.integration
 
@@ -517,5 +518,47 @@ def test_stop_frees_the_port(vllm_url: str) -> None:
         # A restarted gateway can take the same address at once.
         async with running_gateway([vllm_url], port=port) as gateway:
             assert (await get(f"{gateway.url}/health"))[0] == 200
+
+    run(scenario)
+
+
+def test_lineage_records_what_each_route_returned_with_its_version(vllm_url: str) -> None:
+    """Completions from every non-streamed route are found again by their token ids, under the serving version."""
+    lineage = PolicyLineage(capacity=100)
+
+    async def post(session: aiohttp.ClientSession, gateway: Gateway, path: str, body: dict) -> dict:
+        async with session.post(
+            f"{gateway.url}{path}",
+            json={"model": ENV_MODEL_NAME, **body},
+            headers={"Authorization": f"Bearer {API_KEY}"},
+        ) as response:
+            assert response.status == 200, await response.text()
+            return await response.json()
+
+    async def scenario() -> None:
+        async with running_gateway([vllm_url], api_key=API_KEY, lineage=lineage) as gateway:
+            gateway.resume(5)
+            async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as session:
+                plain = await post(session, gateway, "/v1/completions", {"prompt": PROMPT, "n": 2, "max_tokens": 4})
+                # The gateway asked for the ids; the caller did not, so its answer has none.
+                assert all(choice.get("token_ids") is None for choice in plain["choices"])
+                assert len(lineage) == 2
+                asked = await post(
+                    session, gateway, "/v1/completions", {"prompt": PROMPT, "max_tokens": 4, "return_token_ids": True}
+                )
+                chat = await post(
+                    session,
+                    gateway,
+                    "/v1/chat/completions",
+                    {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "return_token_ids": True},
+                )
+                gateway.resume(6)
+                native = await post(
+                    session, gateway, "/generate", {"prompt": {"prompt_token_ids": [1, 2, 3]}, "max_tokens": 4}
+                )
+        assert lineage.run_version(asked["choices"][0]["token_ids"]) == 5
+        assert lineage.run_version(chat["choices"][0]["token_ids"]) == 5
+        assert lineage.run_version(native["token_ids"][0]) == 6
+        assert len(lineage) == 5
 
     run(scenario)

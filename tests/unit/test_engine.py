@@ -75,6 +75,15 @@ def test_read_back_turns_tensor_metrics_into_summed_metrics_and_keeps_others():
     assert output["metrics"]["verl"] == [3.0, 4.0]
 
 
+def test_read_back_takes_the_maximum_of_max_metrics():
+    output = {
+        "loss": [torch.tensor(0.5), torch.tensor(0.25)],
+        "metrics": {"ratio_max": [torch.tensor(1.5), torch.tensor(1.2)]},
+    }
+    read_back(output)
+    assert output["metrics"]["ratio_max"].aggregate() == 1.5
+
+
 def _clip_on_ranks(rank: int, world_size: int, port: int, results) -> None:
     """Each rank: the same FSDP2-sharded model, its own inputs; clip with ours and with torch's on full gradients."""
     import torch.distributed as dist

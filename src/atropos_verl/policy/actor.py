@@ -29,8 +29,8 @@ from verl.utils import tensordict_utils as tu
 
 from atropos_verl.assets import resolve_model_path
 from atropos_verl.batch import pack_sequences
-from atropos_verl.config import RunConfig
-from atropos_verl.loss import verl_policy_loss
+from atropos_verl.config import RolloutCorrectionConfig, RunConfig
+from atropos_verl.loss import Rejection, RolloutCorrection, verl_policy_loss
 from atropos_verl.placement import node_gpus, resolve_placement
 from atropos_verl.policy.verl_config import training_worker_config
 from atropos_verl.policy.worker import PolicyWorker
@@ -152,6 +152,20 @@ def _regularizer_metrics(raw: dict[str, Any]) -> dict[str, float]:
     return metrics
 
 
+# Means over the trained tokens that have sampler log-probs, formed from their shares.
+ROLLOUT_CORRECTION_MEANS = ("kl", "k3_kl", "rollout_is_mean", "rollout_is_truncated_fraction", "masked_fraction")
+
+
+def rollout_correction(cfg: RolloutCorrectionConfig) -> RolloutCorrection:
+    lower, upper = cfg.is_bounds()
+    return RolloutCorrection(
+        rollout_is=cfg.rollout_is,
+        is_upper=upper,
+        is_lower=lower,
+        rejections=tuple(Rejection(option, upper=up, lower=low) for option, low, up in cfg.rejections()),
+    )
+
+
 class Actor:
     """Driver-side handle on the policy's FSDP2 workers."""
 
@@ -190,6 +204,7 @@ class Actor:
                 reduction=cfg.loss.reduction,
                 clip_ratio=cfg.loss.clip_ratio,
                 terms=self.regularizers,
+                rollout_correction=rollout_correction(cfg.rollout_correction),
             )
         )
         self.workers.reset()
@@ -235,6 +250,9 @@ class Actor:
             metrics["train/inference_logprob_abs_diff"] = (
                 _total(raw["actor/inference_logprob_abs_diff_share"]) / sampled
             )
+            for name in ROLLOUT_CORRECTION_MEANS:
+                metrics[f"rollout_corr/{name}"] = _total(raw[f"rollout_corr/{name}_share"]) / sampled
+            metrics["rollout_corr/rollout_is_max"] = max(float(v) for v in _as_list(raw["rollout_corr/rollout_is_max"]))
         if "actor/clip_fraction" in raw:
             metrics["train/clip_fraction"] = _mean(raw["actor/clip_fraction"])
         metrics.update(_regularizer_metrics(raw))

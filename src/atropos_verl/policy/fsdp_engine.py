@@ -172,7 +172,8 @@ def read_back(output: dict) -> dict:
 
     A metric the loss function returns as a tensor is its micro-batch's share of
     a mini-batch total, summed over micro-batches (``AggregationType.SUM``), as
-    :func:`atropos_verl.loss.verl_policy_loss` documents; other metrics pass through.
+    :func:`atropos_verl.loss.verl_policy_loss` documents, except a ``*_max`` one, which is
+    a maximum (``AggregationType.MAX``); other metrics pass through.
     """
     losses, metrics = output["loss"], output["metrics"]
     deferred = [
@@ -186,7 +187,7 @@ def read_back(output: dict) -> dict:
     host = iter(torch.stack([v.detach().float().reshape(()) for v in pending]).tolist())
     output["loss"] = [next(host) if isinstance(v, torch.Tensor) else v for v in losses]
     for key in deferred:
-        metric = Metric(AggregationType.SUM)
+        metric = Metric(AggregationType.MAX if key.endswith("_max") else AggregationType.SUM)
         metric.extend([next(host) for _ in metrics[key]])
         metrics[key] = metric
     return output

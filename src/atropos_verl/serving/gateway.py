@@ -18,9 +18,15 @@ Routes:
   format translated to it (``prompt_logprobs`` excepted).
 
 Every response carries ``X-Policy-Version``; ``/generate`` bodies also carry
-``policy_version``. The version is the one current when the request was admitted: the
-trainer pauses the gateway and drains it before it changes any weights, so that is
-the version that produced the tokens. If a drain times out and the trainer syncs
+``policy_version``. With a :class:`~atropos_verl.serving.lineage.PolicyLineage`, the
+gateway also records the token ids of every completion it returns with that version
+(the OpenAI routes ask the backend for ``return_token_ids`` and drop them again from the
+answer unless the caller asked; streamed completions are not recorded), so the trainer
+can tell which policy sampled each sequence it trains on.
+
+The version is the one current when the request was admitted: the trainer pauses the
+gateway and drains it before it changes any weights, so that is the version that
+produced the tokens. If a drain times out and the trainer syncs
 anyway, the requests still running are labelled with the old version although part
 of their tokens came from the new weights.
 """
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -52,6 +59,7 @@ from atropos_verl.serving.generate_formats import (
     vllm_request_for_sglang,
     vllm_response,
 )
+from atropos_verl.serving.lineage import PolicyLineage
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +121,7 @@ class Gateway:
         idle_timeout_s: float = 30.0,
         backend_headers: dict[str, str] | None = None,
         backend_engine: str = "vllm",
+        lineage: PolicyLineage | None = None,
     ) -> None:
         if backend_engine not in BACKEND_ENGINES:
             raise ValueError(f"backend_engine must be one of {BACKEND_ENGINES}, got {backend_engine!r}")
@@ -133,6 +142,7 @@ class Gateway:
         self._idle_timeout_s = idle_timeout_s
         # Sent to every backend (the run's replica token); never forwarded from callers.
         self._backend_headers = dict(backend_headers or {})
+        self._lineage = lineage
         self._backends: list[_Backend] = []
         self._rr = 0
         self._policy_version = 0
@@ -381,6 +391,9 @@ class Gateway:
         # The gateway fronts exactly one model, the policy; envs often name it by its hub id
         # while replicas serve it under another name.
         body["model"] = self._model_name
+        caller_wants_ids = bool(body.get("return_token_ids"))
+        if self._lineage is not None and not body.get("stream"):
+            body["return_token_ids"] = True
         async with self._admitted() as version:
             if body.get("stream"):
 
@@ -389,7 +402,28 @@ class Gateway:
 
                 return await self._dispatch(request.path, body, stream)
             reply = await self._dispatch(request.path, body, _read_reply)
+        if self._lineage is not None and reply.status == 200:
+            reply = self._record_openai(reply, version, keep_ids=caller_wants_ids)
         return _reply_response(reply, version)
+
+    def _record_openai(self, reply: _Reply, version: int, keep_ids: bool) -> _Reply:
+        """Record each choice's token ids; the answer loses the ids the caller did not ask for."""
+        assert self._lineage is not None
+        completion = _completion_json(reply)
+        for choice in completion["choices"]:
+            if isinstance(choice, dict) and isinstance(choice.get("token_ids"), list):
+                self._lineage.record(choice["token_ids"], version)
+        if keep_ids:
+            return reply
+        # Null, as vLLM answers without return_token_ids.
+        for choice in completion["choices"]:
+            if isinstance(choice, dict):
+                for name in ("token_ids", "prompt_token_ids"):
+                    if name in choice:
+                        choice[name] = None
+        if "prompt_token_ids" in completion:
+            completion["prompt_token_ids"] = None
+        return dataclasses.replace(reply, body=json.dumps(completion).encode())
 
     async def _generate(self, request: web.Request) -> web.Response:
         body = await _json_object(request, self._idle_timeout_s)
@@ -403,6 +437,7 @@ class Gateway:
             if reply.status != 200:
                 return _reply_response(reply, version)
             result: Any = vllm_response(_completion_json(reply), native, version, reply.backend_url)
+            completions = result["token_ids"]
         elif "input_ids" in body or "text" in body:
             native_sglang = sglang_request(body, self._model_name)
             # A greedy n is served as copies of one sample: sglang_request bounded n already.
@@ -412,6 +447,7 @@ class Gateway:
             if reply.status != 200:
                 return _reply_response(reply, version)
             result = sglang_response(_completion_json(reply), native_sglang, version, reply.backend_url)
+            completions = [item["output_ids"] for item in (result if isinstance(result, list) else [result])]
         else:
             raise HttpError(
                 400,
@@ -419,6 +455,9 @@ class Gateway:
                 'unrecognised /generate body: expected the vLLM format ("prompt": {"prompt_token_ids": [...]}) '
                 'or the SGLang format ("input_ids" or "text", with "sampling_params")',
             )
+        if self._lineage is not None:
+            for token_ids in completions:
+                self._lineage.record(token_ids, version)
         return web.json_response(result, headers={POLICY_VERSION_HEADER: str(version)})
 
     async def _generate_on_sglang(self, body: dict[str, Any]) -> web.Response:

@@ -19,6 +19,7 @@ from atropos_verl.assets import BUILTIN_PREFIX
 from atropos_verl.config import EngineConfig, ModelConfig
 from atropos_verl.placement import CPU_PLACEMENT, Placement
 from atropos_verl.serving.gateway import Gateway
+from atropos_verl.serving.lineage import PolicyLineage
 from atropos_verl.serving.replicas import EngineError, InferenceReplica, ReplicaSpec
 from atropos_verl.serving.replicas.access import TOKEN_HEADER
 from atropos_verl.serving.sync import SyncReport, WeightSync, probe_sequences
@@ -93,6 +94,8 @@ class NoServing:
     url: Optional[str] = None
     model_name: Optional[str] = None
     api_key: Optional[str] = None
+    # Environments' own servers say nothing about which policy sampled what.
+    lineage: Optional[PolicyLineage] = None
 
     async def start_gateway(self) -> None:
         pass
@@ -140,6 +143,7 @@ class InferenceService:
         if engine.api_key_env and not api_key:
             raise EngineError(f"engine.api_key_env names {engine.api_key_env!r}, which is not set")
         self.api_key = api_key
+        self.lineage = PolicyLineage(engine.lineage_capacity)
         self.gateway = Gateway(
             [],
             model_name=self.model_name,
@@ -151,6 +155,7 @@ class InferenceService:
             max_model_len=engine.max_model_len,
             backend_headers={TOKEN_HEADER: replica_token},
             backend_engine=engine.kind,
+            lineage=self.lineage,
         )
         self.weight_sync: Optional[WeightSync] = None
         # Syncs and restarts both reconfigure replicas; one at a time.
@@ -215,7 +220,17 @@ class InferenceService:
             await asyncio.gather(*(replica.sleep() for replica in self.replicas))
 
     async def after_training(self, policy_version: int, sequences: list[list[int]]) -> dict[str, float]:
-        """Sync ``policy_version`` into every replica, proven on the first of ``sequences``; its metrics."""
+        """Sync ``policy_version`` into every replica, proven on the first of ``sequences``; its metrics.
+
+        Only every ``engine.sync_interval``-th version is pushed; in between the replicas keep
+        serving the last one pushed (``sync/policy_version``).
+        """
+        if policy_version % self.engine.sync_interval != 0:
+            if self.engine.sleep_during_training:
+                async with self._replica_lock:
+                    await asyncio.gather(*(replica.wake_up() for replica in self.replicas))
+                self.gateway.resume(self.gateway.policy_version)
+            return {"sync/policy_version": self.gateway.policy_version}
         probe = probe_sequences(sequences, self.engine.max_model_len, self.engine.sync_probe_sequences)
         return (await self.sync(policy_version, probe)).as_metrics()
 
