@@ -24,6 +24,7 @@ from atropos_verl.serving.sync import SyncReport, WeightSync, probe_sequences
 from atropos_verl.serving.transports.base import PolicyWeights, WeightTransport
 from atropos_verl.serving.transports.cuda_ipc import CudaIpcTransport, select_transport
 from atropos_verl.serving.transports.folder import FolderTransport, default_weights_root
+from atropos_verl.serving.transports.shared_memory import SharedMemoryTransport
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +166,8 @@ class InferenceService:
             await self.sync(policy_version, probe=[])
 
     async def _make_transport(self, policy: PolicyWeights) -> WeightTransport:
-        """``engine.weight_transport``: cuda_ipc when every replica is on the trainer's GPU (auto), else folder."""
+        """``engine.weight_transport``: auto is cuda_ipc when every replica is on the trainer's GPU,
+        shared_memory for a CPU trainer with vLLM-CPU replicas, else folder."""
         bucket_bytes = self.engine.sync_bucket_mb << 20
         device = getattr(policy, "device", "cpu")
         setting = self.engine.weight_transport
@@ -179,6 +181,8 @@ class InferenceService:
         logger.info("weight transport: %s (engine.weight_transport=%s)", choice, setting)
         if choice == "cuda_ipc":
             return CudaIpcTransport(policy, dtype=self.dtype, bucket_bytes=bucket_bytes)  # type: ignore[arg-type]
+        if choice == "shared_memory":
+            return SharedMemoryTransport(policy, dtype=self.dtype)  # type: ignore[arg-type]
         return FolderTransport(policy, root=default_weights_root(), dtype=self.dtype, bucket_bytes=bucket_bytes)
 
     async def before_training(self) -> None:

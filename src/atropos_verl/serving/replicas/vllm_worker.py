@@ -5,6 +5,8 @@ Kept apart from the adapter so that every vLLM worker imports only this small mo
 
 from __future__ import annotations
 
+import json
+import time
 from typing import Any
 
 
@@ -21,18 +23,29 @@ class ReloadWorkerExtension:
     """
 
     def atropos_verl_reload_weights(self: Any, weights_path: str) -> None:
-        from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
-
         self.reload_weights(weights_path=weights_path)
-        sharing: dict[int, list[Any]] = {}
-        for module in self.model_runner.get_model().modules():
-            weight = module._parameters.get("weight")
-            if weight is not None and isinstance(getattr(module, "quant_method", None), UnquantizedEmbeddingMethod):
-                sharing.setdefault(id(weight), []).append(module)
-        for modules in sharing.values():
-            if len(modules) > 1:
-                for module in modules:
-                    module.quant_method.process_weights_after_loading(module)
+        _retie_embeddings(self)
+
+    def atropos_verl_load_shared_memory(self: Any, layout: str) -> dict[str, float]:
+        """Reload every weight from the trainer's shared-memory file (``transports.shared_memory``'s layout, JSON).
+
+        The tensors handed to vLLM are views into the mapping: each byte is read once,
+        by the parameter's own loader. Returns the seconds of each part.
+        """
+        from atropos_verl.serving.transports.shared_memory import SharedMemoryFile, read_views
+
+        started = time.perf_counter()
+        parsed = json.loads(layout)
+        file = SharedMemoryFile(parsed["path"], create=False)
+        try:
+            file.remap(int(parsed["size"]))
+            mapped = time.perf_counter()
+            self.reload_weights(weights_iterator=read_views(parsed, file))
+            loaded = time.perf_counter()
+            _retie_embeddings(self)
+        finally:
+            file.close()
+        return {"map": mapped - started, "reload": loaded - mapped, "retie": time.perf_counter() - loaded}
 
     def atropos_verl_gpu_uuid(self: Any) -> str | None:
         """This worker's physical GPU UUID (None without CUDA): the trainer compares it with its own."""
@@ -41,3 +54,18 @@ class ReloadWorkerExtension:
         if not torch.cuda.is_available():
             return None
         return str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+
+
+def _retie_embeddings(worker: Any) -> None:
+    """Redo the post-load step of every unquantized embedding that shares its weight (see the class)."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
+    sharing: dict[int, list[Any]] = {}
+    for module in worker.model_runner.get_model().modules():
+        weight = module._parameters.get("weight")
+        if weight is not None and isinstance(getattr(module, "quant_method", None), UnquantizedEmbeddingMethod):
+            sharing.setdefault(id(weight), []).append(module)
+    for modules in sharing.values():
+        if len(modules) > 1:
+            for module in modules:
+                module.quant_method.process_weights_after_loading(module)
