@@ -76,7 +76,7 @@ def layout_entries(layout: dict[str, Any]) -> list[tuple[str, str, list[int], in
         offset, nbytes = int(entry["offset"]), int(entry["bytes"])
         if offset < 0 or offset + nbytes > size or offset % ALIGNMENT:
             raise ValueError(
-                f"tensor {entry['name']}: bytes [{offset}, {offset + nbytes}) outside the {size}-byte file"
+                f"tensor {entry['name']}: bytes [{offset}, {offset + nbytes}) misaligned or past the {size}-byte file"
             )
         entries.append((str(entry["name"]), str(entry["dtype"]), [int(d) for d in entry["shape"]], offset, nbytes))
     return entries
