@@ -270,3 +270,26 @@ def test_restore_after_a_sync_is_refused_with_the_replica_named():
             await transport.restore(replica)
 
     asyncio.run(scenario())
+
+
+def test_selection_and_replica_launch_for_nccl():
+    from atropos_verl.config import EngineConfig
+    from atropos_verl.serving.replicas.base import ReplicaSpec
+    from atropos_verl.serving.replicas.vllm import VLLMReplica
+    from atropos_verl.serving.service import replica_weight_transfer
+    from atropos_verl.serving.transports.cuda_ipc import select_transport
+
+    other = {"vllm-0": ["GPU-b"]}
+    assert select_transport("nccl", device="cuda", engine_kind="vllm", trainer_gpu="GPU-a", replica_gpus=other) == (
+        "nccl"
+    )
+    # Not picked by auto until it has run on GPUs: replicas on other GPUs get the folder.
+    assert select_transport("auto", device="cuda", engine_kind="vllm", trainer_gpu="GPU-a", replica_gpus=other) == (
+        "folder"
+    )
+    with pytest.raises(EngineError, match="trainer.device=cpu"):
+        select_transport("nccl", device="cpu", engine_kind="vllm", trainer_gpu=None, replica_gpus={})
+    assert replica_weight_transfer(EngineConfig(kind="vllm", weight_transport="nccl")) == "nccl"
+    assert replica_weight_transfer(EngineConfig(kind="vllm", weight_transport="shared_memory")) == "folder"
+    replica = VLLMReplica(ReplicaSpec(model_path="m", served_model_name="m", weight_transfer="nccl"))
+    assert "VLLM_ALLOW_INSECURE_SERIALIZATION" not in replica.environment()

@@ -17,6 +17,7 @@ from typing import Optional
 
 from atropos_verl.assets import BUILTIN_PREFIX
 from atropos_verl.config import EngineConfig, ModelConfig
+from atropos_verl.netutil import free_port
 from atropos_verl.serving.gateway import Gateway
 from atropos_verl.serving.replicas import EngineError, InferenceReplica, ReplicaSpec
 from atropos_verl.serving.replicas.access import TOKEN_HEADER
@@ -24,6 +25,7 @@ from atropos_verl.serving.sync import SyncReport, WeightSync, probe_sequences
 from atropos_verl.serving.transports.base import PolicyWeights, WeightTransport
 from atropos_verl.serving.transports.cuda_ipc import CudaIpcTransport, select_transport
 from atropos_verl.serving.transports.folder import FolderTransport, default_weights_root
+from atropos_verl.serving.transports.nccl import NcclTransport
 from atropos_verl.serving.transports.shared_memory import SharedMemoryTransport
 
 logger = logging.getLogger(__name__)
@@ -43,6 +45,13 @@ def served_model_name(model: ModelConfig, model_path: str) -> str:
     return model_path if model.path.startswith(BUILTIN_PREFIX) else model.path
 
 
+def replica_weight_transfer(engine: EngineConfig) -> str:
+    """vLLM's native transfer backend a replica starts with (attach() picks the transport)."""
+    if engine.kind != "vllm" or engine.weight_transport in ("folder", "shared_memory"):
+        return "folder"
+    return "nccl" if engine.weight_transport == "nccl" else "ipc"
+
+
 def build_replicas(
     engine: EngineConfig, model: ModelConfig, model_path: str, dtype: str, log_dir: Path, access_token: str | None
 ) -> list[InferenceReplica]:
@@ -56,8 +65,7 @@ def build_replicas(
             gpu_memory_utilization=engine.gpu_memory_utilization,
             tensor_parallel_size=engine.tensor_parallel_size,
             enable_sleep_mode=engine.sleep_during_training,
-            # Replicas start able to take CUDA IPC updates unless the folder is forced; attach() picks.
-            weight_transfer="ipc" if engine.kind == "vllm" and engine.weight_transport != "folder" else "folder",
+            weight_transfer=replica_weight_transfer(engine),
             extra_args=list(engine.extra_args),
             access_token=access_token if engine.kind == "vllm" else None,
         )
@@ -181,6 +189,8 @@ class InferenceService:
         logger.info("weight transport: %s (engine.weight_transport=%s)", choice, setting)
         if choice == "cuda_ipc":
             return CudaIpcTransport(policy, dtype=self.dtype, bucket_bytes=bucket_bytes)  # type: ignore[arg-type]
+        if choice == "nccl":
+            return NcclTransport(policy, dtype=self.dtype, master_port=free_port(), buffer_bytes=bucket_bytes)  # type: ignore[arg-type]
         if choice == "shared_memory":
             return SharedMemoryTransport(policy, dtype=self.dtype)  # type: ignore[arg-type]
         return FolderTransport(policy, root=default_weights_root(), dtype=self.dtype, bucket_bytes=bucket_bytes)

@@ -195,16 +195,24 @@ def select_transport(
     trainer_gpu: Optional[str],
     replica_gpus: Mapping[str, Sequence[str]],
 ) -> str:
-    """``folder``, ``shared_memory`` or ``cuda_ipc`` for ``engine.weight_transport=setting``.
+    """``folder``, ``shared_memory``, ``cuda_ipc`` or ``nccl`` for ``engine.weight_transport=setting``.
 
     shared_memory needs a CPU trainer and vLLM (its replicas run on the trainer's host).
     cuda_ipc needs CUDA, vLLM, and every worker of every replica on the trainer rank 0's
     GPU (``replica_gpus``: replica name → its workers' GPU UUIDs). ``auto`` picks the one
     that fits and falls back to folder otherwise; an explicit choice that cannot work is
-    an error naming why.
+    an error naming why. nccl (replicas on other GPUs) is chosen only explicitly: it has
+    not run on GPUs yet.
     """
     if setting == "folder":
         return "folder"
+    if setting == "nccl":
+        if device != "cuda" or engine_kind != "vllm":
+            raise EngineError(
+                f"engine.weight_transport=nccl needs a CUDA trainer and vLLM replicas, got trainer.device={device}, "
+                f"engine.kind={engine_kind}"
+            )
+        return "nccl"
     if device == "cpu" and setting in ("auto", "shared_memory"):
         if engine_kind == "vllm":
             return "shared_memory"
