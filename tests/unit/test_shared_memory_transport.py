@@ -86,6 +86,9 @@ def test_the_file_grows_for_a_larger_model(stage):
     big = [("model.embed_tokens.weight", torch.ones(40 << 20, dtype=torch.uint8))] + params()[1:]
     out = stage.stage(iter(big), path=path, dtype="float32", writer=True, tied_embeddings=True)
     assert out["layout"]["size"] >= 40 << 20
+    # Grown by doubling, then cut back: the file holds the weights and no spare tmpfs pages.
+    last = out["layout"]["tensors"][-1]
+    assert os.stat(path).st_size == out["layout"]["size"] == last["offset"] + last["bytes"]
     assert torch.equal(read_back(out["layout"])["model.norm.weight"], params()[2][1])
 
 

@@ -30,21 +30,28 @@ class ReloadWorkerExtension:
         """Reload every weight from the trainer's shared-memory file (``transports.shared_memory``'s layout, JSON).
 
         The tensors handed to vLLM are views into the mapping: each byte is read once,
-        by the parameter's own loader. Returns the seconds of each part.
+        by the parameter's own loader. The mapping is kept for the next version (the
+        trainer rewrites the same file in place), so later loads fault in no pages; a new
+        file or size is mapped afresh. Returns the seconds of each part.
         """
+        import os
+
         from atropos_verl.serving.transports.shared_memory import SharedMemoryFile, read_views
 
         started = time.perf_counter()
         parsed = json.loads(layout)
-        file = SharedMemoryFile(parsed["path"], create=False)
-        try:
-            file.remap(int(parsed["size"]))
-            mapped = time.perf_counter()
-            self.reload_weights(weights_iterator=read_views(parsed, file))
-            loaded = time.perf_counter()
-            _retie_embeddings(self)
-        finally:
-            file.close()
+        path, size = parsed["path"], int(parsed["size"])
+        cached = getattr(self, "_atropos_verl_shm", None)
+        if cached is None or cached[0] != (path, os.stat(path).st_ino, size):
+            if cached is not None:
+                cached[1].close()
+            file = SharedMemoryFile(path, create=False)
+            file.remap(size)
+            self._atropos_verl_shm = cached = ((path, os.fstat(file.fd).st_ino, size), file)
+        mapped = time.perf_counter()
+        self.reload_weights(weights_iterator=read_views(parsed, cached[1]))
+        loaded = time.perf_counter()
+        _retie_embeddings(self)
         return {"map": mapped - started, "reload": loaded - mapped, "retie": time.perf_counter() - loaded}
 
     def atropos_verl_gpu_uuid(self: Any) -> str | None:

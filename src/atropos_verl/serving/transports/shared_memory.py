@@ -105,20 +105,24 @@ class SharedMemoryFile:
 
     def ensure(self, size: int) -> None:
         """Map at least ``size`` bytes (the file grows; what it held stays)."""
-        if size <= self.size:
-            return
-        if os.fstat(self.fd).st_size < size:
-            os.ftruncate(self.fd, size)
-        self.remap(size)
+        if size > self.size:
+            self.resize(size, populate=False)
 
-    def remap(self, size: int) -> None:
+    def resize(self, size: int, populate: bool = True) -> None:
+        """Make the file exactly ``size`` bytes and map all of it."""
+        if os.fstat(self.fd).st_size != size:
+            os.ftruncate(self.fd, size)
+        self.remap(size, populate)
+
+    def remap(self, size: int, populate: bool = True) -> None:
         import torch
 
         self.tensor = None
         if self.map is not None:
             self.map.close()
         # MAP_POPULATE fills the page tables in one kernel call instead of one fault per page.
-        self.map = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+        flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
+        self.map = mmap.mmap(self.fd, size, flags=flags)
         self.tensor = torch.frombuffer(self.map, dtype=torch.uint8)
 
     def view(self, offset: int, nbytes: int, dtype: Any, shape: Sequence[int]) -> Any:
@@ -186,6 +190,9 @@ class SharedMemoryStage:
             copy_s += tick - gathered
         if not writer:
             return {"layout": None, "bytes": 0.0, "seconds": time.perf_counter() - start}
+        if self.file.size != layout.end:
+            # After growing by doubling (first version): no tmpfs pages beyond the weights.
+            self.file.resize(layout.end)
         return {
             "layout": {"path": path, "size": self.file.size, "tensors": layout.entries},
             "bytes": float(layout.bytes),
