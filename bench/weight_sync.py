@@ -157,7 +157,8 @@ async def run(args) -> None:
         print(f"[{name}] sync (prepare + swap)  {sync_s * 1e3:9.1f} ms   {num_bytes / sync_s / 2**30:7.2f} GiB/s")
         print(f"[{name}]   prepare (gather + {'write' if name == 'folder' else 'pack'})  {prepare_s * 1e3:9.1f} ms")
         print(
-            f"[{name}]   swap (pause, load, resume) {swap_s * 1e3:9.1f} ms, of which engine load {load_s * 1e3:.1f} ms"
+            f"[{name}]   swap (pause, load, resume) {swap_s * 1e3:9.1f} ms, of which engine load {load_s * 1e3:.1f} ms,"
+            f" the rest (pause, resume, labels) {(swap_s - load_s) * 1e3:.1f} ms"
         )
         if parts and parts[0]:
             steps = ", ".join(f"{k} {statistics.median(p[k] for p in parts) * 1e3:.1f}" for k in parts[0])
