@@ -293,3 +293,23 @@ def test_selection_and_replica_launch_for_nccl():
     assert replica_weight_transfer(EngineConfig(kind="vllm", weight_transport="shared_memory")) == "folder"
     replica = VLLMReplica(ReplicaSpec(model_path="m", served_model_name="m", weight_transfer="nccl"))
     assert "VLLM_ALLOW_INSECURE_SERIALIZATION" not in replica.environment()
+
+
+def test_a_failed_update_marks_the_group_broken():
+    log = []
+    transport = NcclTransport(Policy(log), dtype="float32", master_port=1, timeout_s=5)
+    replica = Replica("vllm-0", log)
+
+    async def refuse(info):
+        raise EngineError("vllm-0: HTTP 500")
+
+    async def scenario():
+        await transport.prepare(1)
+        await transport.push(1, [replica])
+        assert transport.broken is None
+        replica.update_weights = refuse
+        with pytest.raises(EngineError, match="HTTP 500"):
+            await transport.push(2, [replica])
+        assert transport.broken
+
+    asyncio.run(scenario())

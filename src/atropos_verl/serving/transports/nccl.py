@@ -23,7 +23,9 @@ A silent NCCL hang is the most reported sync failure of such setups, so the coll
 runs on a worker thread (the blocking call into the trainer's worker) while the main
 loop holds the replicas' HTTP calls under ``timeout_s``; a replica that does not answer
 in time fails the sync with an error naming it, and the group is marked broken (a hung
-collective cannot be joined again): the next sync rebuilds it.
+collective cannot be joined again): the next sync rebuilds it. If the trainer's own
+broadcast is what hangs, its worker stays blocked (Ray runs one call at a time there),
+so the rebuild waits behind it: the error is what the run gets, never a silent hang.
 """
 
 from __future__ import annotations
@@ -293,6 +295,7 @@ class NcclTransport(WeightTransport):
         except BaseException:
             # The worker thread cannot be interrupted; it ends when the group is torn down.
             sender.cancel()
+            self.broken = self.broken or "an update failed mid-broadcast"
             raise
         await asyncio.gather(
             *(self._within("/finish_weight_update", r.name, r.finish_weight_update(version)) for r in members)
