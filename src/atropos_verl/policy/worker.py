@@ -24,6 +24,8 @@ from atropos_verl.modelinfo import ties_word_embeddings
 from atropos_verl.policy.rows import BatchArrays, cuts_by_offsets, split_rows
 from atropos_verl.serving.transports.cuda_ipc import IpcStage, gpu_uuid
 from atropos_verl.serving.transports.folder import write_weights
+from atropos_verl.serving.transports.nccl import NcclSender, build_manifest
+from atropos_verl.serving.transports.shared_memory import SharedMemoryStage
 
 
 def _dispatch_rows_by_data_parallel_rank(worker_group, batch: TensorDict):
@@ -190,6 +192,68 @@ class PolicyWorker(TrainingWorker):
     def release_weights_ipc(self) -> None:
         if getattr(self, "_ipc_stage", None) is not None:
             self._ipc_stage.release()
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def stage_weights_shm(self, path: str, dtype: str) -> dict:
+        """Copy the full policy into the shared-memory file at ``path``; rank 0 writes and answers its layout.
+
+        Every rank walks verl's per-tensor generator (each full tensor is an all-gather).
+        """
+        if getattr(self, "_shm_stage", None) is None:
+            self._shm_stage = SharedMemoryStage()
+        per_tensor, _ = self.engine.get_per_tensor_param()
+        return self._shm_stage.stage(
+            per_tensor,
+            path=path,
+            dtype=dtype,
+            writer=self.rank == 0,
+            tied_embeddings=ties_word_embeddings(self.model_config.hf_config),
+        )
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def release_weights_shm(self) -> None:
+        if getattr(self, "_shm_stage", None) is not None:
+            self._shm_stage.release()
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def nccl_manifest(self, dtype: str) -> dict:
+        """Names, engine dtypes, shapes and byte sizes of the tensors an NCCL sync broadcasts, in order."""
+        per_tensor, _ = self.engine.get_per_tensor_param()
+        self._nccl_manifest = build_manifest(
+            ((name, tensor.dtype, tensor.shape) for name, tensor in per_tensor),
+            dtype,
+            ties_word_embeddings(self.model_config.hf_config),
+        )
+        return dict(vars(self._nccl_manifest))
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def init_weights_nccl(self, master_address: str, master_port: int, world_size: int) -> None:
+        """Rank 0 joins the weight-transfer group as its rank 0 (vLLM 0.24's trainer side; needs vLLM and CUDA)."""
+        if self.rank != 0:
+            return
+        from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
+
+        group = NCCLWeightTransferEngine.trainer_init(
+            {"master_address": master_address, "master_port": master_port, "world_size": world_size}
+        )
+        self._nccl_sender = NcclSender(group, torch.cuda.current_device(), torch.cuda.synchronize)
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def send_weights_nccl(self, dtype: str, buffer_bytes: int) -> dict:
+        """Broadcast the full policy to the group; rank 0 sends, the others only take part in the all-gathers."""
+        per_tensor, _ = self.engine.get_per_tensor_param()
+        if self.rank != 0:
+            for _ in per_tensor:
+                pass
+            return {}
+        sender, manifest = getattr(self, "_nccl_sender", None), getattr(self, "_nccl_manifest", None)
+        if sender is None or manifest is None:
+            raise RuntimeError("send_weights_nccl needs nccl_manifest and init_weights_nccl first")
+        return sender.send(per_tensor, manifest, buffer_bytes)
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def release_weights_nccl(self) -> None:
+        self._nccl_sender = None
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def gpu_uuid(self) -> str | None:

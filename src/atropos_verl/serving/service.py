@@ -17,6 +17,7 @@ from typing import Optional
 
 from atropos_verl.assets import BUILTIN_PREFIX
 from atropos_verl.config import EngineConfig, ModelConfig
+from atropos_verl.netutil import free_port
 from atropos_verl.placement import CPU_PLACEMENT, Placement
 from atropos_verl.serving.gateway import Gateway
 from atropos_verl.serving.lineage import PolicyLineage
@@ -26,6 +27,8 @@ from atropos_verl.serving.sync import SyncReport, WeightSync, probe_sequences
 from atropos_verl.serving.transports.base import PolicyWeights, WeightTransport
 from atropos_verl.serving.transports.cuda_ipc import CudaIpcTransport, select_transport
 from atropos_verl.serving.transports.folder import FolderTransport, default_weights_root
+from atropos_verl.serving.transports.nccl import NcclTransport
+from atropos_verl.serving.transports.shared_memory import SharedMemoryTransport
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +45,13 @@ def served_model_name(model: ModelConfig, model_path: str) -> str:
     so the name must be something ``AutoTokenizer`` can open.
     """
     return model_path if model.path.startswith(BUILTIN_PREFIX) else model.path
+
+
+def replica_weight_transfer(engine: EngineConfig) -> str:
+    """vLLM's native transfer backend a replica starts with (attach() picks the transport)."""
+    if engine.kind != "vllm" or engine.weight_transport in ("folder", "shared_memory"):
+        return "folder"
+    return "nccl" if engine.weight_transport == "nccl" else "ipc"
 
 
 def build_replicas(
@@ -63,8 +73,7 @@ def build_replicas(
             gpu_memory_utilization=engine.gpu_memory_utilization,
             tensor_parallel_size=engine.tensor_parallel_size,
             enable_sleep_mode=engine.sleep_during_training,
-            # Replicas start able to take CUDA IPC updates unless the folder is forced; attach() picks.
-            weight_transfer="ipc" if engine.kind == "vllm" and engine.weight_transport != "folder" else "folder",
+            weight_transfer=replica_weight_transfer(engine),
             extra_args=list(engine.extra_args),
             access_token=access_token,
             env=placement.replica_env(index),
@@ -197,7 +206,8 @@ class InferenceService:
             await self.sync(policy_version, probe=[])
 
     async def _make_transport(self, policy: PolicyWeights) -> WeightTransport:
-        """``engine.weight_transport``: cuda_ipc when every replica is on the trainer's GPU (auto), else folder."""
+        """``engine.weight_transport``: auto is cuda_ipc when every replica is on the trainer's GPU,
+        shared_memory for a CPU trainer with vLLM-CPU replicas, else folder."""
         bucket_bytes = self.engine.sync_bucket_mb << 20
         device = getattr(policy, "device", "cpu")
         setting = self.engine.weight_transport
@@ -211,6 +221,10 @@ class InferenceService:
         logger.info("weight transport: %s (engine.weight_transport=%s)", choice, setting)
         if choice == "cuda_ipc":
             return CudaIpcTransport(policy, dtype=self.dtype, bucket_bytes=bucket_bytes)  # type: ignore[arg-type]
+        if choice == "nccl":
+            return NcclTransport(policy, dtype=self.dtype, master_port=free_port(), buffer_bytes=bucket_bytes)  # type: ignore[arg-type]
+        if choice == "shared_memory":
+            return SharedMemoryTransport(policy, dtype=self.dtype)  # type: ignore[arg-type]
         return FolderTransport(policy, root=default_weights_root(), dtype=self.dtype, bucket_bytes=bucket_bytes)
 
     async def before_training(self) -> None:

