@@ -298,10 +298,19 @@ class EnvSpec:
     name: str = _f("env", nonempty=True)
     module: Optional[str] = None
     script: Optional[str] = None
-    args: list[str] = _f([])
+    # The environment's own flags: a list as on its command line ([--env.group_size, "4"]) or
+    # a mapping by name, {env: {group_size: 4}, openai: {timeout: 60}} (or {env.group_size: 4}),
+    # where null passes nothing. A mapping is edited by name on the command line
+    # (data.envs.0.args.env.group_size=8); a list only by position (args.3=...).
+    args: Any = _f([])
     replicas: int = _f(1, ge=1)
     # What the environment's inference client speaks (its APIServerConfig.server_type).
     server_type: str = _f("vllm", choices=ENV_SERVER_TYPES)
+
+    def __post_init__(self) -> None:
+        # Command-line words: a list's numbers (YAML, or ${data.*} resolved) are their text.
+        if isinstance(self.args, list):
+            self.args = [str(arg) for arg in self.args]
 
     def validate(self, key: str) -> None:
         check_fields(self, key)
@@ -310,6 +319,44 @@ class EnvSpec:
             key,
             f"environment {self.name!r} needs exactly one of module or script",
         )
+        _require(
+            isinstance(self.args, (list, dict)),
+            f"{key}.args",
+            f"must be a list of flags or a mapping of flag: value, got {self.args!r}",
+        )
+        for flag, value in self.flags():
+            _require(
+                value is None or isinstance(value, (str, int, float, bool)),
+                f"{key}.args.{flag}",
+                f"must be a single value (a string, number or bool) or null, got {value!r}",
+            )
+
+    def flags(self) -> list[tuple[str, Any]]:
+        """A mapping ``args`` as (dotted flag name, value), nested mappings joined: {env: {group_size: 4}}."""
+        if not isinstance(self.args, dict):
+            return []
+        found: list[tuple[str, Any]] = []
+
+        def walk(prefix: str, node: dict) -> None:
+            for name, value in node.items():
+                flag = f"{prefix}{str(name).removeprefix('--')}"
+                if isinstance(value, dict):
+                    walk(f"{flag}.", value)
+                else:
+                    found.append((flag, value))
+
+        walk("", self.args)
+        return found
+
+    def argv(self) -> list[str]:
+        """``args`` as command-line words: a mapping becomes ``--flag value`` pairs in its order."""
+        if isinstance(self.args, dict):
+            words = []
+            for flag, value in self.flags():
+                if value is not None:
+                    words += [f"--{flag}", ("true" if value else "false") if isinstance(value, bool) else str(value)]
+            return words
+        return list(self.args)
 
 
 DATASET_ENV_MODULE = "atropos_verl.envs.dataset"
@@ -363,10 +410,11 @@ class DataConfig:
             f"must be verl or package.module:function, got {self.reward_fn!r}",
         )
         for index, env in enumerate(self.envs):
-            if env.module == DATASET_ENV_MODULE and "--env.source" in env.args[:-1]:
+            argv = env.argv()
+            if env.module == DATASET_ENV_MODULE and "--env.source" in argv[:-1]:
                 # Caught here, not when the environment starts after the engines (minutes later).
                 _require(
-                    bool(env.args[env.args.index("--env.source") + 1]),
+                    bool(argv[argv.index("--env.source") + 1]),
                     "data.path",
                     f"environment {env.name!r} (data.envs[{index}]) needs a dataset: set data.path to a hub "
                     "dataset name or a .jsonl/.json/.parquet file or folder",

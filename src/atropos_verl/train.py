@@ -1,8 +1,8 @@
 """Entry point: ``python -m atropos_verl.train model=... engine=... data=... advantage=...``.
 
 Hydra composes ``conf/config.yaml`` with the chosen groups (``--cfg job`` prints
-the result, ``-m`` runs sweeps); the typed config is validated before anything
-starts, then the trainer runs until ``trainer.total_training_steps``.
+the result, ``-m`` runs sweeps); the typed config is validated and preflighted
+(:mod:`atropos_verl.preflight`) before anything starts, then the trainer runs until ``trainer.total_training_steps``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from atropos_verl.config import ConfigError, load_config
+from atropos_verl.preflight import preflight
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
@@ -26,6 +27,8 @@ logger = logging.getLogger("atropos_verl")
 def main(cfg: DictConfig) -> None:
     try:
         run_config = load_config(cfg)
+        # Before anything starts: a wrong path, length, port or device fails here in seconds.
+        preflight(run_config)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

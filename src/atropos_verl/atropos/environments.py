@@ -139,7 +139,7 @@ def env_command(
             "--openai.tokenizer_name", model_path,
             "--openai.server_type", spec.server_type,
         ]  # fmt: skip
-    return cmd + list(spec.args)
+    return cmd + spec.argv()
 
 
 def env_environ(gateway: Optional[tuple[str, str]], api_key: Optional[str]) -> Optional[dict[str, str]]:
@@ -155,14 +155,19 @@ def preflight(cfg: DataConfig) -> None:
     for index, spec in enumerate(cfg.envs):
         where = f"data.envs[{index}] ({spec.name})"
         if spec.script is not None and not Path(spec.script).is_file():
-            raise EnvironmentFailedError(f"{where}: script {spec.script} not found (relative to {Path.cwd()})")
+            raise EnvironmentFailedError(
+                f"{where}: script {spec.script} not found (relative to {Path.cwd()}); give the path of the "
+                "environment's .py file"
+            )
         if spec.module is not None:
             try:
                 found = importlib.util.find_spec(spec.module) is not None
             except (ImportError, ValueError):
                 found = False
             if not found:
-                raise EnvironmentFailedError(f"{where}: module {spec.module} is not importable")
+                raise EnvironmentFailedError(
+                    f"{where}: module {spec.module} is not importable; install its package or give a script"
+                )
 
 
 def usage_error(code: int, uptime_s: float, log_text: str) -> bool:
