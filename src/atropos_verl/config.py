@@ -437,12 +437,20 @@ class TrainerConfig:
     run_dir: str = "."
     project_name: str = "atropos-verl"
     experiment_name: str = "run"
+    # The run folder's name under runs/<experiment_name>/ (conf/config.yaml: the start time).
+    # A fixed name makes the folder stable: the same command run again resumes (trainer.resume=auto).
+    run_name: str = "run"
     # verl Tracking backends besides metrics.jsonl: console, tensorboard, wandb, ...
     logger: list[str] = _f(["console"])
-    save_freq: int = _f(0, ge=0, note="0 saves only at the end")
-    max_ckpt_to_keep: Optional[int] = None
+    # Every fetched batch stays in spool.sqlite until a checkpoint covers it: the cadence also bounds the spool.
+    save_freq: int = _f(50, ge=0, note="0 saves only at the end")
+    # Older checkpoints are deleted once a newer one is complete (null keeps all).
+    max_ckpt_to_keep: Optional[int] = _f(3, ge=1)
     # auto: continue from the latest checkpoint in run_dir if there is one; disable: start fresh.
     resume: str = _f("auto", choices=("auto", "disable"))
+    # Where a run without checkpoints of its own starts: a global_step_N folder, or a run or
+    # checkpoints folder (its latest). Once this run saved a checkpoint, re-running resumes that.
+    resume_from: Optional[str] = None
     # A live progress bar per step (off in logs and tests).
     progress_bar: bool = True
 

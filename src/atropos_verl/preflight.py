@@ -11,7 +11,8 @@ verl) into a :class:`~atropos_verl.config.ConfigError` naming the key and the fi
 * the environments: their scripts and modules exist, and their group sizes can fill
   ``trainer.batch_size`` (the API hands out whole groups only);
 * the devices: ``trainer.device=cuda`` has a GPU, ``trainer.n_gpus_per_node`` GPUs exist;
-* the ports the run binds are free, and the run directory is writable.
+* the ports the run binds are free, the run directory is writable, and
+  ``trainer.resume_from`` names a checkpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from urllib.parse import urlsplit
 
 from atropos_verl.atropos.environments import EnvironmentFailedError
 from atropos_verl.atropos.environments import preflight as env_entries_exist
+from atropos_verl.checkpoint import find_checkpoint
 from atropos_verl.config import ConfigError, EnvSpec, RunConfig
 from atropos_verl.netutil import port_is_free
 
@@ -35,6 +37,7 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 def preflight(cfg: RunConfig, run_dir: Optional[Path] = None) -> None:
     """Every check below, cheapest first; raises :class:`ConfigError` at the first failure."""
     check_run_dir(run_dir if run_dir is not None else Path(cfg.trainer.run_dir))
+    check_resume(cfg)
     check_envs(cfg)
     check_ports(cfg)
     check_devices(cfg)
@@ -51,6 +54,14 @@ def check_run_dir(run_dir: Path) -> None:
             f"trainer.run_dir: cannot write to {run_dir} ({exc.strerror or exc}); set trainer.run_dir to a "
             "writable folder"
         ) from None
+
+
+def check_resume(cfg: RunConfig) -> None:
+    if cfg.trainer.resume_from:
+        try:
+            find_checkpoint(Path(cfg.trainer.resume_from))
+        except (ValueError, OSError) as exc:
+            raise ConfigError(f"trainer.resume_from: {exc}") from None
 
 
 def flag_value(args: list[str], flag: str) -> Optional[str]:
