@@ -302,7 +302,8 @@ class EnvSpec:
     # a mapping by name, {env: {group_size: 4}, openai: {timeout: 60}} (or {env.group_size: 4}),
     # where null passes nothing. A mapping is edited by name on the command line
     # (data.envs.0.args.env.group_size=8); a list only by position (args.3=...).
-    args: Any = _f([])
+    # (null: none; the schema's default cannot be a list, or a mapping would not merge onto it).
+    args: Any = None
     replicas: int = _f(1, ge=1)
     # What the environment's inference client speaks (its APIServerConfig.server_type).
     server_type: str = _f("vllm", choices=ENV_SERVER_TYPES)
@@ -320,7 +321,7 @@ class EnvSpec:
             f"environment {self.name!r} needs exactly one of module or script",
         )
         _require(
-            isinstance(self.args, (list, dict)),
+            self.args is None or isinstance(self.args, (list, dict)),
             f"{key}.args",
             f"must be a list of flags or a mapping of flag: value, got {self.args!r}",
         )
@@ -356,7 +357,7 @@ class EnvSpec:
                 if value is not None:
                     words += [f"--{flag}", ("true" if value else "false") if isinstance(value, bool) else str(value)]
             return words
-        return list(self.args)
+        return list(self.args or [])
 
 
 DATASET_ENV_MODULE = "atropos_verl.envs.dataset"
@@ -390,6 +391,9 @@ class DataConfig:
     max_response_length: Optional[int] = _f(None, ge=1)
     # Answers per prompt; trainer.batch_size must be a multiple (the API packs whole groups).
     group_size: Optional[int] = _f(None, ge=1)
+    # Sampling temperature every started environment is given as --env.temperature (null: each
+    # environment's own default; the environment's config must have a temperature field).
+    temperature: Optional[float] = _f(None, ge=0)
     # verl data_source for every row (picks verl's scorer), "" for each row's own.
     data_source: str = ""
     # verl: verl's default_compute_score by data_source; or package.module:function.

@@ -75,3 +75,26 @@ def test_a_mapping_value_that_is_no_single_value_is_named():
         spec.validate("data.envs[0]")
     with pytest.raises(ConfigError, match=r"^data\.envs\[0\]\.args: must be a list of flags or a mapping"):
         EnvSpec(name="e", module="m", args="--env.seed 1").validate("data.envs[0]")
+
+
+def test_data_temperature_reaches_every_environment_and_its_own_flag_wins():
+    from atropos_verl.atropos.environments import env_command
+    from atropos_verl.preflight import flag_value
+
+    run = composed("data=gsm8k", "data.temperature=0.6")
+    [spec] = run.data.envs
+    assert (
+        flag_value(env_command(spec, "http://api", "/m", None, temperature=run.data.temperature), "--env.temperature")
+        == "0.6"
+    )
+    assert "--env.temperature" not in env_command(spec, "http://api", "/m", None)
+    own = EnvSpec(name="e", module="m", args={"env": {"temperature": 1.2}})
+    assert flag_value(env_command(own, "http://api", "/m", None, temperature=0.6), "--env.temperature") == "1.2"
+
+
+def test_dataset_flags_are_edited_by_name_on_the_command_line():
+    run = composed("data=gsm8k_math", "data.envs.1.args.env.source=/data/math/train.jsonl")
+    from atropos_verl.preflight import flag_value
+
+    assert flag_value(run.data.envs[1].argv(), "--env.source") == "/data/math/train.jsonl"
+    assert flag_value(run.data.envs[0].argv(), "--env.source") == "openai/gsm8k"

@@ -113,6 +113,7 @@ def env_command(
     gateway: Optional[tuple[str, str]],
     launch: EnvLaunch = EnvLaunch(),
     group_size: Optional[int] = None,
+    temperature: Optional[float] = None,
 ) -> list[str]:
     """``serve`` through the compat runner with what the trainer knows injected first; the spec's args win.
 
@@ -131,6 +132,8 @@ def env_command(
         cmd += ["--env.total_steps", str(launch.total_steps)]
     if group_size is not None:
         cmd += ["--env.group_size", str(group_size)]
+    if temperature is not None:
+        cmd += ["--env.temperature", str(temperature)]
     if gateway is not None:
         url, model_name = gateway
         cmd += [
@@ -247,7 +250,7 @@ class EnvSupervisor:
         self._owner = asyncio.current_task()
         environ = env_environ(gateway, api_key)
         for spec in self.cfg.envs:
-            command = env_command(spec, api_url, model_path, gateway, launch, self.cfg.group_size)
+            command = env_command(spec, api_url, model_path, gateway, launch, self.cfg.group_size, self.cfg.temperature)
             for index in range(spec.replicas):
                 label = f"environment {spec.name}[{index}]"
                 process = _EnvProcess(
