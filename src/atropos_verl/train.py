@@ -17,14 +17,24 @@ from omegaconf import DictConfig
 
 from atropos_verl.config import ConfigError, load_config
 from atropos_verl.preflight import preflight
+from atropos_verl.verl_keys import unknown_override
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 logger = logging.getLogger("atropos_verl")
 
 
+def main() -> None:
+    """The command: overrides naming verl's keys (or misspelt ones) are explained before Hydra composes."""
+    problem = unknown_override(sys.argv[1:])
+    if problem is not None:
+        print(f"configuration error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+    run()
+
+
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)
-def main(cfg: DictConfig) -> None:
+def run(cfg: DictConfig) -> None:
     try:
         run_config = load_config(cfg)
         # Before anything starts: a wrong path, length, port or device fails here in seconds.
