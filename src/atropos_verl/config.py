@@ -1,7 +1,7 @@
 """Typed configuration of a training run: the one place its defaults are written.
 
 The dataclasses below are registered with Hydra's ConfigStore as ``run_config``, the
-first entry of ``conf/config.yaml``'s defaults list; the YAML groups under ``conf/``
+first entry of ``atropos_verl/conf/config.yaml``'s defaults list; the YAML groups under it
 override only what differs. :func:`load_config` turns a composed config into these
 dataclasses (an unknown key or a wrong type fails with OmegaConf's message naming the
 full key), and :meth:`RunConfig.validate` checks what types alone cannot: the rules
@@ -441,7 +441,7 @@ class TrainerConfig:
     run_dir: str = "."
     project_name: str = "atropos-verl"
     experiment_name: str = "run"
-    # The run folder's name under runs/<experiment_name>/ (conf/config.yaml: the start time).
+    # The run folder's name under runs/<experiment_name>/ (atropos_verl/conf/config.yaml: the start time).
     # A fixed name makes the folder stable: the same command run again resumes (trainer.resume=auto).
     run_name: str = "run"
     # verl Tracking backends besides metrics.jsonl: console, tensorboard, wandb, ...
@@ -576,5 +576,5 @@ def check_device(cfg: RunConfig, device: str) -> None:
     )
 
 
-# Hydra's schema for conf/config.yaml (its first default): importing this module registers it.
+# Hydra's schema for atropos_verl/conf/config.yaml (its first default): importing this module registers it.
 ConfigStore.instance().store(name="run_config", node=RunConfig)

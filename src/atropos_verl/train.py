@@ -1,6 +1,6 @@
 """Entry point: ``python -m atropos_verl.train model=... engine=... data=... advantage=...``.
 
-Hydra composes ``conf/config.yaml`` with the chosen groups (``--cfg job`` prints
+Hydra composes ``atropos_verl/conf/config.yaml`` with the chosen groups (``--cfg job`` prints
 the result, ``-m`` runs sweeps); the typed config is validated and preflighted
 (:mod:`atropos_verl.preflight`) before anything starts, then the trainer runs until ``trainer.total_training_steps``.
 """
@@ -19,7 +19,8 @@ from atropos_verl.config import ConfigError, load_config
 from atropos_verl.preflight import preflight
 from atropos_verl.verl_keys import unknown_override
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+# Shipped inside the package, so an installed wheel composes the same configs as a checkout.
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 logger = logging.getLogger("atropos_verl")
 

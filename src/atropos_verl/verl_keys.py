@@ -75,7 +75,7 @@ VERL_KEYS: dict[str, tuple[str, str]] = {
     "trainer.total_epochs": ("trainer.total_training_steps", "environments stream data: steps, not epochs"),
 }
 
-# The choosable config groups (conf/ and the test search path): `model=tiny` picks one.
+# The choosable config groups (atropos_verl/conf/ and the test search path): `model=tiny` picks one.
 GROUPS = ("model", "engine", "data", "advantage", "experiment")
 # key=value, +key=value, ++key=value or ~key (Hydra's own flags start with "-" and are skipped).
 _OVERRIDE = re.compile(r"^(?:\+\+|\+)?([A-Za-z_][\w.\-]*)=|^~([A-Za-z_][\w.\-]*)")

@@ -35,8 +35,9 @@ from atropos_verl.data.sources import (
 )
 from atropos_verl.data.tasks import BadRow
 from atropos_verl.envs.dataset import DatasetEnv, DatasetEnvConfig, Sample
+from atropos_verl.train import CONF_DIR
 
-CONF = str(Path(__file__).resolve().parents[2] / "conf")
+CONF = CONF_DIR
 
 GSM8K_ROWS = [
     {"question": "Tom has 3 apples and buys 4 more. How many apples?", "answer": "3 + 4 = 7\n#### 7"},

@@ -8,8 +8,9 @@ from hydra import compose, initialize_config_dir
 
 from atropos_verl.config import ConfigError, EnvSpec, load_config
 from atropos_verl.data.sources import render_prompt, resolve_prompt_format
+from atropos_verl.train import CONF_DIR
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF = Path(CONF_DIR)
 # max_position_embeddings of the hub models in conf/model (their configs cannot be fetched here);
 # the builtin models are read from their built configs by preflight's own test.
 HUB_POSITIONS = {"microsoft/DialoGPT-medium": 1024, "Qwen/Qwen2.5-0.5B-Instruct": 32768}

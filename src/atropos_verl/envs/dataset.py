@@ -19,7 +19,7 @@ It is a real ``atroposlib`` ``BaseEnv``: with ``--openai.server_type vllm`` (or
 ``sglang``) it samples through ``ManagedServer`` and sends exact tokens, masks and
 the sampler's log-probs; with ``openai`` it uses chat completions (or completions
 for ``prompt_format plain``) and tokenizes the text itself. The trainer starts it
-from ``conf/data/{gsm8k,math,hellaswag,parquet,jsonl}.yaml``; on its own::
+from ``atropos_verl/conf/data/{gsm8k,math,hellaswag,parquet,jsonl}.yaml``; on its own::
 
     python -m atropos_verl.envs.dataset serve --env.source train.parquet \\
         --env.rollout_server_url API --env.tokenizer_name MODEL --openai.base_url GATEWAY/v1 \\
