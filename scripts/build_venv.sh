@@ -15,7 +15,13 @@ fi
 rm -rf "$venv"
 echo "building $venv from $lock (one-time, a few minutes)"
 "$python" -m venv "$venv"
-# torch==2.13.0+cpu is not on PyPI: it resolves from a local wheel cache (pip's find-links,
-# as on this project's CI machines) or from PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu.
-"$venv/bin/python" -m pip install --quiet --no-deps -r "$lock"
+# torch==2.13.0+cpu is not on PyPI: it resolves from pip's own configuration (a local wheel
+# cache via find-links, as on this project's CI machines, or PIP_EXTRA_INDEX_URL), and when
+# that fails from the PyTorch CPU index. The index is not always added: pip would query it
+# for every package, and on a machine without internet each query waits for its timeout.
+if ! "$venv/bin/python" -m pip install --quiet --no-deps -r "$lock"; then
+    echo "retrying with the PyTorch CPU index for torch==2.13.0+cpu"
+    "$venv/bin/python" -m pip install --quiet --no-deps -r "$lock" \
+        --extra-index-url https://download.pytorch.org/whl/cpu
+fi
 touch "$venv/.complete"

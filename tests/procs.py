@@ -69,8 +69,9 @@ def listening(port: int) -> bool:
 
 
 def base_overrides(api_port: int, steps: int) -> list[str]:
-    """A small, fast CPU run of the tiny model."""
+    """A small, fast CPU run of the tiny model, fed by the test's own environments (data=atropos)."""
     return [
+        "data=atropos",
         "model.path=builtin:tiny-llama",
         f"atropos.api_url=http://127.0.0.1:{api_port}",
         "trainer.device=cpu",

@@ -116,3 +116,21 @@ class CheckpointDir:
             steps = sorted(int(p.name.split("_")[-1]) for p in self.root.glob("global_step_*"))
             for old in steps[: -self.keep]:
                 shutil.rmtree(self.step_dir(old), ignore_errors=True)
+
+
+def find_checkpoint(path: Path) -> tuple[CheckpointDir, int]:
+    """The checkpoint ``path`` names: a ``global_step_N`` folder, or a checkpoints or run folder (its latest).
+
+    Raises ValueError saying what was looked for when ``path`` holds none.
+    """
+    path = path.expanduser().resolve()
+    if (path / STATE_FILE).is_file() and path.name.startswith("global_step_"):
+        return CheckpointDir(path.parent, None), int(path.name.removeprefix("global_step_"))
+    for root in (path, path / "checkpoints"):
+        latest = CheckpointDir(root, None).latest_step() if (root / LATEST_FILE).is_file() else None
+        if latest is not None:
+            return CheckpointDir(root, None), latest
+    raise ValueError(
+        f"{path} is not a checkpoint: expected a global_step_N folder with {STATE_FILE}, or a checkpoints "
+        f"(or run) folder with {LATEST_FILE}"
+    )

@@ -1,7 +1,7 @@
 """Typed configuration of a training run: the one place its defaults are written.
 
 The dataclasses below are registered with Hydra's ConfigStore as ``run_config``, the
-first entry of ``conf/config.yaml``'s defaults list; the YAML groups under ``conf/``
+first entry of ``atropos_verl/conf/config.yaml``'s defaults list; the YAML groups under it
 override only what differs. :func:`load_config` turns a composed config into these
 dataclasses (an unknown key or a wrong type fails with OmegaConf's message naming the
 full key), and :meth:`RunConfig.validate` checks what types alone cannot: the rules
@@ -444,10 +444,20 @@ class EnvSpec:
     name: str = _f("env", nonempty=True)
     module: Optional[str] = None
     script: Optional[str] = None
-    args: list[str] = _f([])
+    # The environment's own flags: a list as on its command line ([--env.group_size, "4"]) or
+    # a mapping by name, {env: {group_size: 4}, openai: {timeout: 60}} (or {env.group_size: 4}),
+    # where null passes nothing. A mapping is edited by name on the command line
+    # (data.envs.0.args.env.group_size=8); a list only by position (args.3=...).
+    # (null: none; the schema's default cannot be a list, or a mapping would not merge onto it).
+    args: Any = None
     replicas: int = _f(1, ge=1)
     # What the environment's inference client speaks (its APIServerConfig.server_type).
     server_type: str = _f("vllm", choices=ENV_SERVER_TYPES)
+
+    def __post_init__(self) -> None:
+        # Command-line words: a list's numbers (YAML, or ${data.*} resolved) are their text.
+        if isinstance(self.args, list):
+            self.args = [str(arg) for arg in self.args]
 
     def validate(self, key: str) -> None:
         check_fields(self, key)
@@ -456,6 +466,44 @@ class EnvSpec:
             key,
             f"environment {self.name!r} needs exactly one of module or script",
         )
+        _require(
+            self.args is None or isinstance(self.args, (list, dict)),
+            f"{key}.args",
+            f"must be a list of flags or a mapping of flag: value, got {self.args!r}",
+        )
+        for flag, value in self.flags():
+            _require(
+                value is None or isinstance(value, (str, int, float, bool)),
+                f"{key}.args.{flag}",
+                f"must be a single value (a string, number or bool) or null, got {value!r}",
+            )
+
+    def flags(self) -> list[tuple[str, Any]]:
+        """A mapping ``args`` as (dotted flag name, value), nested mappings joined: {env: {group_size: 4}}."""
+        if not isinstance(self.args, dict):
+            return []
+        found: list[tuple[str, Any]] = []
+
+        def walk(prefix: str, node: dict) -> None:
+            for name, value in node.items():
+                flag = f"{prefix}{str(name).removeprefix('--')}"
+                if isinstance(value, dict):
+                    walk(f"{flag}.", value)
+                else:
+                    found.append((flag, value))
+
+        walk("", self.args)
+        return found
+
+    def argv(self) -> list[str]:
+        """``args`` as command-line words: a mapping becomes ``--flag value`` pairs in its order."""
+        if isinstance(self.args, dict):
+            words = []
+            for flag, value in self.flags():
+                if value is not None:
+                    words += [f"--{flag}", ("true" if value else "false") if isinstance(value, bool) else str(value)]
+            return words
+        return list(self.args or [])
 
 
 DATASET_ENV_MODULE = "atropos_verl.envs.dataset"
@@ -489,6 +537,9 @@ class DataConfig:
     max_response_length: Optional[int] = _f(None, ge=1)
     # Answers per prompt; trainer.batch_size must be a multiple (the API packs whole groups).
     group_size: Optional[int] = _f(None, ge=1)
+    # Sampling temperature every started environment is given as --env.temperature (null: each
+    # environment's own default; the environment's config must have a temperature field).
+    temperature: Optional[float] = _f(None, ge=0)
     # verl data_source for every row (picks verl's scorer), "" for each row's own.
     data_source: str = ""
     # verl: verl's default_compute_score by data_source; or package.module:function.
@@ -509,10 +560,11 @@ class DataConfig:
             f"must be verl or package.module:function, got {self.reward_fn!r}",
         )
         for index, env in enumerate(self.envs):
-            if env.module == DATASET_ENV_MODULE and "--env.source" in env.args[:-1]:
+            argv = env.argv()
+            if env.module == DATASET_ENV_MODULE and "--env.source" in argv[:-1]:
                 # Caught here, not when the environment starts after the engines (minutes later).
                 _require(
-                    bool(env.args[env.args.index("--env.source") + 1]),
+                    bool(argv[argv.index("--env.source") + 1]),
                     "data.path",
                     f"environment {env.name!r} (data.envs[{index}]) needs a dataset: set data.path to a hub "
                     "dataset name or a .jsonl/.json/.parquet file or folder",
@@ -535,12 +587,20 @@ class TrainerConfig:
     run_dir: str = "."
     project_name: str = "atropos-verl"
     experiment_name: str = "run"
+    # The run folder's name under runs/<experiment_name>/ (atropos_verl/conf/config.yaml: the start time).
+    # A fixed name makes the folder stable: the same command run again resumes (trainer.resume=auto).
+    run_name: str = "run"
     # verl Tracking backends besides metrics.jsonl: console, tensorboard, wandb, ...
     logger: list[str] = _f(["console"])
-    save_freq: int = _f(0, ge=0, note="0 saves only at the end")
-    max_ckpt_to_keep: Optional[int] = None
+    # Every fetched batch stays in spool.sqlite until a checkpoint covers it: the cadence also bounds the spool.
+    save_freq: int = _f(50, ge=0, note="0 saves only at the end")
+    # Older checkpoints are deleted once a newer one is complete (null keeps all).
+    max_ckpt_to_keep: Optional[int] = _f(3, ge=1)
     # auto: continue from the latest checkpoint in run_dir if there is one; disable: start fresh.
     resume: str = _f("auto", choices=("auto", "disable"))
+    # Where a run without checkpoints of its own starts: a global_step_N folder, or a run or
+    # checkpoints folder (its latest). Once this run saved a checkpoint, re-running resumes that.
+    resume_from: Optional[str] = None
     # A live progress bar per step (off in logs and tests).
     progress_bar: bool = True
     # Groups sampled more than this many policy versions before the one being updated are dropped
@@ -689,5 +749,5 @@ def check_device(cfg: RunConfig, device: str) -> None:
     )
 
 
-# Hydra's schema for conf/config.yaml (its first default): importing this module registers it.
+# Hydra's schema for atropos_verl/conf/config.yaml (its first default): importing this module registers it.
 ConfigStore.instance().store(name="run_config", node=RunConfig)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 
 def text_config(hf_config: Any) -> Any:
@@ -23,6 +23,8 @@ class ModelInfo:
     # "float32" or "bfloat16": the dtype an engine should compute in when told "auto".
     dtype: str
     tie_word_embeddings: bool
+    # Positions the model was built for (GPT-2's n_positions too); None when its config names none.
+    max_position_embeddings: Optional[int] = None
 
 
 @functools.cache
@@ -36,4 +38,5 @@ def model_info(model_path: str, trust_remote_code: bool = False) -> ModelInfo:
         vocab_size=int(text.vocab_size),
         dtype="float32" if "float32" in dtype else "bfloat16",
         tie_word_embeddings=ties_word_embeddings(config),
+        max_position_embeddings=getattr(text, "max_position_embeddings", None),
     )

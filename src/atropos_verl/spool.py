@@ -47,6 +47,10 @@ class GroupSpool:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._db = sqlite3.connect(str(path), isolation_level=None)
+        # Pages freed when a checkpoint lets batches go are returned to the file system
+        # (checkpoint_committed), so the spool stays about as big as the batches since the last
+        # checkpoint. Takes effect in a new spool only (set before its tables exist).
+        self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
         self._db.execute("PRAGMA journal_mode=WAL")
         # FULL: a committed batch survives a power cut, not only a process crash.
         self._db.execute("PRAGMA synchronous=FULL")
@@ -93,6 +97,10 @@ class GroupSpool:
         """A checkpoint now holds every update up to ``step``: those batches need no replay."""
         with self._db:
             self._db.execute("DELETE FROM batches WHERE trained_step IS NOT NULL AND trained_step <= ?", (step,))
+        # As a script: Python's execute() steps this pragma once, freeing a single page.
+        self._db.executescript("PRAGMA incremental_vacuum;")
+        # The write-ahead log holds the deleted batches too until it is checkpointed and truncated.
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
     def pending(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM batches WHERE trained_step IS NULL").fetchone()[0])

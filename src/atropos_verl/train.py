@@ -1,8 +1,8 @@
 """Entry point: ``python -m atropos_verl.train model=... engine=... data=... advantage=...``.
 
-Hydra composes ``conf/config.yaml`` with the chosen groups (``--cfg job`` prints
-the result, ``-m`` runs sweeps); the typed config is validated before anything
-starts, then the trainer runs until ``trainer.total_training_steps``.
+Hydra composes ``atropos_verl/conf/config.yaml`` with the chosen groups (``--cfg job`` prints
+the result, ``-m`` runs sweeps); the typed config is validated and preflighted
+(:mod:`atropos_verl.preflight`) before anything starts, then the trainer runs until ``trainer.total_training_steps``.
 """
 
 from __future__ import annotations
@@ -16,16 +16,30 @@ import hydra
 from omegaconf import DictConfig
 
 from atropos_verl.config import ConfigError, load_config
+from atropos_verl.preflight import preflight
+from atropos_verl.verl_keys import unknown_override
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+# Shipped inside the package, so an installed wheel composes the same configs as a checkout.
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 logger = logging.getLogger("atropos_verl")
 
 
+def main() -> None:
+    """The command: overrides naming verl's keys (or misspelt ones) are explained before Hydra composes."""
+    problem = unknown_override(sys.argv[1:])
+    if problem is not None:
+        print(f"configuration error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+    run()
+
+
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)
-def main(cfg: DictConfig) -> None:
+def run(cfg: DictConfig) -> None:
     try:
         run_config = load_config(cfg)
+        # Before anything starts: a wrong path, length, port or device fails here in seconds.
+        preflight(run_config)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -38,7 +38,7 @@ from atropos_verl.atropos.environments import (
 )
 from atropos_verl.atropos.front import FrontCounters, TrajectoryFront
 from atropos_verl.batch import build_batch
-from atropos_verl.checkpoint import CheckpointDir, Progress, run_dir_lock
+from atropos_verl.checkpoint import CheckpointDir, Progress, find_checkpoint, run_dir_lock
 from atropos_verl.config import RunConfig, check_device, compute_dtype
 from atropos_verl.groups import GroupLimits, validate_batch
 from atropos_verl.metrics import MetricsLogger, env_group_counts, reward_metrics
@@ -59,6 +59,8 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.trainer.run_dir).resolve()
         self.checkpoints = CheckpointDir(self.run_dir / "checkpoints", cfg.trainer.max_ckpt_to_keep)
+        # Where a resumed run's checkpoint is: this run's own, or trainer.resume_from's.
+        self.resume_source = self.checkpoints
         self.progress = Progress()
         # SIGTERM, SIGINT and SIGHUP cancel run(); train.py exits with signals.exit_code.
         self.signals = StopSignals()
@@ -133,8 +135,8 @@ class Trainer:
             # Runs before the workers stop: the weight transport holds buffers inside them.
             stack.push_async_callback(serving.detach)
             if resume_step is not None:
-                await finish_in_thread(policy.load_checkpoint, str(self.checkpoints.actor_dir(resume_step)))
-                logger.info("resumed from %s at step %d", self.checkpoints.step_dir(resume_step), self.progress.step)
+                await finish_in_thread(policy.load_checkpoint, str(self.resume_source.actor_dir(resume_step)))
+                logger.info("resumed from %s at step %d", self.resume_source.step_dir(resume_step), self.progress.step)
             await serving.attach(policy, self.progress.step, resumed=resume_step is not None)
             await client.register()
             source = BatchSource(
@@ -246,10 +248,17 @@ class Trainer:
             await self._save(policy, source)
 
     def _resume_point(self) -> Optional[int]:
-        """Restore the loop's progress from the latest checkpoint; weights are loaded once workers exist."""
-        latest = self.checkpoints.latest_step() if self.cfg.trainer.resume == "auto" else None
+        """Restore the loop's progress from the checkpoint to resume; weights are loaded once workers exist.
+
+        This run's own latest checkpoint wins over ``trainer.resume_from``, so re-running a command
+        that started from another run's checkpoint continues this one.
+        """
+        t = self.cfg.trainer
+        latest = self.checkpoints.latest_step() if t.resume == "auto" else None
+        if latest is None and t.resume_from:
+            self.resume_source, latest = find_checkpoint(Path(t.resume_from))
         if latest is not None:
-            self.progress = self.checkpoints.load_progress(latest)
+            self.progress = self.resume_source.load_progress(latest)
         return latest
 
     def _metrics_logger(self) -> MetricsLogger:

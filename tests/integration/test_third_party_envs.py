@@ -70,8 +70,9 @@ def test_unmodified_third_party_environments_train_through_the_launcher(tmp_path
     # The single-config env used the gateway it was given, not atroposlib's default ports.
     assert f"base_url='http://127.0.0.1:{gateway_port}/v1'" in env_logs["digits"]
     assert "localhost:9004" not in env_logs["digits"]
-    # evaluate_log's own line: the evaluation at start ran to its end.
-    assert "skipping evaluation logging" in env_logs["echo"]
+    # The evaluation at start ran to its end, and its report reached the trainer's metrics.
+    assert "Evaluation completed" in env_logs["echo"]
+    assert any(key.startswith("eval/echo/") for m in metrics for key in m), sorted({k for m in metrics for k in m})
 
 
 @pytest.mark.timeout(300)

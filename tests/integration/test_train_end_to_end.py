@@ -58,6 +58,8 @@ def test_trainer_learns_from_a_real_environment(atropos_api, tiny_model, tmp_pat
             sys.executable,
             "-m",
             "atropos_verl.train",
+            # The test starts its own environments.
+            "data=atropos",
             f"model.path={tiny_model}",
             f"atropos.api_url={atropos_api.url}",
             "atropos.timeout=30",

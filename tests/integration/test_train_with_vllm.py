@@ -54,6 +54,8 @@ def test_rl_loop_with_vllm_and_two_environments(atropos_api, tiny_model, tmp_pat
             sys.executable,
             "-m",
             "atropos_verl.train",
+            # The test starts its own environments.
+            "data=atropos",
             "engine=vllm",
             f"model.path={tiny_model}",
             f"atropos.api_url={atropos_api.url}",

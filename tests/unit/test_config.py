@@ -1,14 +1,13 @@
 """Hydra composition of every config group, and start-up validation that names the bad key."""
 
-from pathlib import Path
-
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
 from atropos_verl.config import ConfigError, load_config
+from atropos_verl.train import CONF_DIR
 
-CONF = str(Path(__file__).resolve().parents[2] / "conf")
+CONF = CONF_DIR
 
 
 def composed(*overrides):

@@ -35,8 +35,9 @@ from atropos_verl.data.sources import (
 )
 from atropos_verl.data.tasks import BadRow
 from atropos_verl.envs.dataset import DatasetEnv, DatasetEnvConfig, Sample
+from atropos_verl.train import CONF_DIR
 
-CONF = str(Path(__file__).resolve().parents[2] / "conf")
+CONF = CONF_DIR
 
 GSM8K_ROWS = [
     {"question": "Tom has 3 apples and buys 4 more. How many apples?", "answer": "3 + 4 = 7\n#### 7"},
@@ -566,7 +567,7 @@ def test_dataset_groups_compose_into_dataset_environments(group):
     run = load_config(composed(f"data={group}"))
     assert run.data.envs and all(env.module == "atropos_verl.envs.dataset" for env in run.data.envs)
     for env in run.data.envs:
-        config = DatasetEnvConfig(**{a[len("--env.") :]: b for a, b in zip(env.args[::2], env.args[1::2])})
+        config = DatasetEnvConfig(**{a[len("--env.") :]: b for a, b in zip(env.argv()[::2], env.argv()[1::2])})
         assert config.source and config.max_response_length == run.data.max_response_length
 
 
@@ -581,12 +582,12 @@ def test_data_keys_reach_the_environment_arguments():
             "data.max_response_length=300",
         )
     )
-    args = run.data.envs[0].args
+    args = run.data.envs[0].argv()
     assert flag(args, "--env.source") == "/data/train.jsonl" and flag(args, "--env.max_prompts") == "5"
     assert flag(args, "--env.eval_source") == "/data/test.jsonl" and flag(args, "--env.group_size") == "4"
     assert flag(args, "--env.max_response_length") == "300" and flag(args, "--env.data_source") == "openai/gsm8k"
     mixed = load_config(composed("data=gsm8k_math"))
-    assert [flag(e.args, "--env.inference_weight") for e in mixed.data.envs] == ["2.0", "1.0"]
+    assert [flag(e.argv(), "--env.inference_weight") for e in mixed.data.envs] == ["2.0", "1.0"]
 
 
 @pytest.mark.parametrize("overrides, key", [

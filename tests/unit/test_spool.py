@@ -68,3 +68,20 @@ def test_fetched_but_never_trained_counts_as_lost(tmp_path):
     spool.record(batch(0) * 3)
     spool.close()
     assert lineage(path).groups_lost == 3
+
+
+def test_the_spool_shrinks_on_disk_as_checkpoints_land(tmp_path):
+    path = tmp_path / "spool.sqlite"
+
+    def on_disk():
+        return sum(p.stat().st_size for p in (path, tmp_path / "spool.sqlite-wal") if p.exists())
+
+    spool = GroupSpool(path)
+    spool.start_attempt(0)
+    big = [{"tokens": [list(range(4000))] * 8, "masks": [list(range(4000))] * 8, "scores": [0.0] * 8}]
+    for step in range(1, 21):
+        spool.mark_trained(spool.record(big), step)
+    full = on_disk()
+    spool.checkpoint_committed(20)
+    assert spool.pending() == 0
+    assert on_disk() < full / 10, (on_disk(), full)

@@ -81,3 +81,30 @@ def test_drop_counter_counts_lines_written_after_it_started(tmp_path: Path):
 
 def test_drop_counter_without_a_log_folder():
     assert DropCounter(None).update() == {"identical_scores": 0, "too_long": 0, "wrong_size": 0}
+
+
+HEADER = "=== environment scripted[0]: python -m atropos_verl.atropos.run_env ... serve\n"
+REGISTERED = "INFO:atroposlib.envs.base:Initialized env with id 0: curr_step: 0, checkpoint_interval: 0\n"
+
+
+def test_registrations_are_read_from_whole_logs_and_reset_by_a_restart(tmp_path: Path):
+    (tmp_path / "a-0.log").write_text(HEADER + REGISTERED + STATUS)
+    (tmp_path / "b-0.log").write_text(HEADER + STATUS)
+    counter = DropCounter(tmp_path)
+    # Registered before the wait began: still counted.
+    assert counter.registered_count() == 1
+    with (tmp_path / "b-0.log").open("a") as f:
+        f.write(REGISTERED)
+    with (tmp_path / "a-0.log").open("a") as f:
+        f.write("Traceback ...\n" + HEADER)
+    counter.update()
+    assert counter.registered == {tmp_path / "a-0.log": False, tmp_path / "b-0.log": True}
+
+
+def test_every_status_line_leads_with_the_same_counts():
+    assert observation(envs_registered=1).status() == (
+        "environments 1/1 running, 1 registered; queue 0 groups; no group received yet; batch 8 sequences"
+    )
+    assert observation(queued_groups=None, group_size=4, envs_started=0, envs_running=0).status() == (
+        "environments 0/0 running; queue unknown; last group 4 sequences; batch 8 sequences"
+    )

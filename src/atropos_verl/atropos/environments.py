@@ -121,6 +121,7 @@ def env_command(
     launch: EnvLaunch = EnvLaunch(),
     group_size: Optional[int] = None,
     eval_dir: Optional[Path] = None,
+    temperature: Optional[float] = None,
 ) -> list[str]:
     """``serve`` through the compat runner with what the trainer knows injected first; the spec's args win.
 
@@ -143,6 +144,8 @@ def env_command(
         cmd += ["--env.group_size", str(group_size)]
     if eval_dir is not None:
         cmd += ["--env.data_dir_to_save_evals", str(eval_dir)]
+    if temperature is not None:
+        cmd += ["--env.temperature", str(temperature)]
     if gateway is not None:
         url, model_name = gateway
         cmd += [
@@ -151,7 +154,7 @@ def env_command(
             "--openai.tokenizer_name", model_path,
             "--openai.server_type", spec.server_type,
         ]  # fmt: skip
-    return cmd + list(spec.args)
+    return cmd + spec.argv()
 
 
 def env_environ(gateway: Optional[tuple[str, str]], api_key: Optional[str]) -> Optional[dict[str, str]]:
@@ -167,14 +170,19 @@ def preflight(cfg: DataConfig) -> None:
     for index, spec in enumerate(cfg.envs):
         where = f"data.envs[{index}] ({spec.name})"
         if spec.script is not None and not Path(spec.script).is_file():
-            raise EnvironmentFailedError(f"{where}: script {spec.script} not found (relative to {Path.cwd()})")
+            raise EnvironmentFailedError(
+                f"{where}: script {spec.script} not found (relative to {Path.cwd()}); give the path of the "
+                "environment's .py file"
+            )
         if spec.module is not None:
             try:
                 found = importlib.util.find_spec(spec.module) is not None
             except (ImportError, ValueError):
                 found = False
             if not found:
-                raise EnvironmentFailedError(f"{where}: module {spec.module} is not importable")
+                raise EnvironmentFailedError(
+                    f"{where}: module {spec.module} is not importable; install its package or give a script"
+                )
 
 
 def usage_error(code: int, uptime_s: float, log_text: str) -> bool:
@@ -258,7 +266,16 @@ class EnvSupervisor:
             for index in range(spec.replicas):
                 eval_dir = self.log_dir / "evals" / f"{spec.name}-{index}"
                 self.evals.add(eval_dir, spec.name)
-                command = env_command(spec, api_url, model_path, gateway, launch, self.cfg.group_size, eval_dir)
+                command = env_command(
+                    spec,
+                    api_url,
+                    model_path,
+                    gateway,
+                    launch,
+                    self.cfg.group_size,
+                    eval_dir=eval_dir,
+                    temperature=self.cfg.temperature,
+                )
                 label = f"environment {spec.name}[{index}]"
                 process = _EnvProcess(
                     spec, index, command, ChildProcess(label, self.log_dir / f"{spec.name}-{index}.log"), environ

@@ -6,7 +6,8 @@ by :func:`explain` from an :class:`Observation`: the API's queue (``GET /status`
 the size of the last group it received (``GET /latest_example``; the API exposes no
 per-group sizes of its queue), the environment processes the run supervises, and
 the groups the environments themselves dropped, counted from the lines atroposlib's
-``BaseEnv.handle_send_to_api`` logs into their log files.
+``BaseEnv.handle_send_to_api`` logs into their log files (which also show which of them
+registered with the API). Each line leads with the same counts (:meth:`Observation.status`).
 """
 
 from __future__ import annotations
@@ -52,6 +53,17 @@ class Observation:
     # DROP_LINES key -> lines counted in the environments' logs since the wait began.
     dropped: dict[str, int] = field(default_factory=dict)
     api_error: Optional[str] = None
+    # Supervised environments registered with the API since their last start (from their logs).
+    envs_registered: Optional[int] = None
+
+    def status(self) -> str:
+        """The counts behind the reason, the same fields every time."""
+        envs = f"environments {self.envs_running}/{self.envs_started} running"
+        if self.envs_registered is not None and self.envs_started:
+            envs += f", {self.envs_registered} registered"
+        queue = "queue unknown" if self.queued_groups is None else f"queue {self.queued_groups} groups"
+        size = "no group received yet" if self.group_size is None else f"last group {self.group_size} sequences"
+        return f"{envs}; {queue}; {size}; batch {self.batch_size} sequences"
 
 
 @dataclass(frozen=True)
@@ -113,27 +125,48 @@ def explain(obs: Observation) -> Explanation:
     return Explanation(reason + dropped_clause, hint)
 
 
+# BaseEnv.register_env logs this once the API accepted the environment; ChildProcess writes
+# the start header before each (re)start into the same log.
+REGISTERED_LINE = "Initialized env with id "
+START_HEADER = "=== environment "
+
+
 class DropCounter:
-    """Counts :data:`DROP_LINES` appended to ``log_dir/*.log`` since the counter was made."""
+    """Counts :data:`DROP_LINES` appended to ``log_dir/*.log`` since the counter was made, and which
+    environments have registered with the API since their last start (their whole logs)."""
 
     def __init__(self, log_dir: Optional[Path]):
         self.log_dir = log_dir
-        self._offsets: dict[Path, int] = {path: path.stat().st_size for path in self._logs()}
+        self.registered: dict[Path, bool] = {}
+        self._offsets: dict[Path, int] = {}
+        for path in self._logs():
+            self._read(path)
         self.counts = {kind: 0 for kind in DROP_LINES}
+
+    def _read(self, path: Path) -> str:
+        """The complete lines appended since the last read; tracks the registration state on the way."""
+        start = self._offsets.get(path, 0)
+        with path.open("rb") as f:
+            f.seek(start)
+            chunk = f.read()
+        # A line still being written is read next time, whole.
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        self._offsets[path] = start + len(complete)
+        text = complete.decode(errors="replace")
+        registered_at, started_at = text.rfind(REGISTERED_LINE), text.rfind(START_HEADER)
+        if registered_at >= 0 or started_at >= 0:
+            self.registered[path] = registered_at > started_at
+        return text
+
+    def registered_count(self) -> int:
+        return sum(self.registered.values())
 
     def _logs(self) -> list[Path]:
         return sorted(self.log_dir.glob("*.log")) if self.log_dir is not None and self.log_dir.is_dir() else []
 
     def update(self) -> dict[str, int]:
         for path in self._logs():
-            start = self._offsets.get(path, 0)
-            with path.open("rb") as f:
-                f.seek(start)
-                chunk = f.read()
-            # A line still being written is counted next time, whole.
-            complete = chunk[: chunk.rfind(b"\n") + 1]
-            self._offsets[path] = start + len(complete)
-            text = complete.decode(errors="replace")
+            text = self._read(path)
             for kind, line in DROP_LINES.items():
                 self.counts[kind] += text.count(line)
         return dict(self.counts)
@@ -176,6 +209,7 @@ class StarvationReporter:
             envs_running=running,
             dropped=await asyncio.to_thread(self.drops.update),
             api_error=error,
+            envs_registered=self.drops.registered_count(),
         )
 
     async def run(self) -> None:
@@ -183,7 +217,7 @@ class StarvationReporter:
         while True:
             obs = await self.observe()
             explanation = explain(obs)
-            line = f"no batch for {obs.waited_s:.0f}s: {explanation.reason}"
+            line = f"no batch for {obs.waited_s:.0f}s ({obs.status()}): {explanation.reason}"
             if obs.waited_s >= self.hint_after_s:
                 line += f". Hint: {explanation.hint}"
             logger.warning(line)

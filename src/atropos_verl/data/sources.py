@@ -38,6 +38,13 @@ _SPLIT_NAMES = ("train", "test", "validation", "valid", "val", "dev", "eval")
 PROMPT_FORMATS = ("chat", "plain")
 
 
+def resolve_prompt_format(tokenizer: Any, prompt_format: str) -> str:
+    """``auto``: the chat template when the tokenizer has one, else ``plain`` (e.g. DialoGPT, GPT-2)."""
+    if prompt_format == "auto":
+        return "chat" if getattr(tokenizer, "chat_template", None) else "plain"
+    return prompt_format
+
+
 class SourceError(ValueError):
     """A source cannot be read at all (no such file, no file for the split, unreadable file)."""
 

@@ -22,11 +22,12 @@ from __future__ import annotations
 import operator
 import random
 import re
-from typing import Optional
+from typing import Literal, Optional
 
 from atroposlib.envs.base import BaseEnv, BaseEnvConfig
 from pydantic import Field
 
+from atropos_verl.data.sources import render_prompt, resolve_prompt_format
 from atropos_verl.envs.sampling import (
     placeholder_server,
     returns_text_only,
@@ -84,6 +85,11 @@ class ArithmeticEnvConfig(BaseEnvConfig):
         default="What is {a} {op} {b}? Keep your answer short.",
         description="User message; {a}, {op} and {b} are filled in",
     )
+    prompt_format: Literal["auto", "chat", "plain"] = Field(
+        default="auto",
+        description="chat: the tokenizer's chat template; plain: the question as is (models without a template, "
+        "e.g. DialoGPT); auto: chat when the tokenizer has a template, else plain",
+    )
     max_new_tokens: int = Field(default=16, description="Tokens sampled per reply; a reply cut off here scores 0")
     temperature: float = Field(default=0.7, description="Sampling temperature")
     max_words: int = Field(
@@ -117,6 +123,12 @@ class ArithmeticEnv(BaseEnv):
             raise ValueError(f"operations must be made of '+-*', got {cfg.operations!r}")
         if cfg.min_operand > cfg.max_operand:
             raise ValueError(f"min_operand {cfg.min_operand} > max_operand {cfg.max_operand}")
+        cfg.prompt_format = resolve_prompt_format(self.tokenizer, cfg.prompt_format)
+        if cfg.prompt_format == "chat" and not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"tokenizer {cfg.tokenizer_name} has no chat template: use --env.prompt_format plain")
+        if cfg.prompt_format == "plain" and returns_text_only(self):
+            # Chat completions need a template; plain text goes through ManagedServer's exact tokens.
+            raise ValueError("--env.prompt_format plain needs --openai.server_type vllm or sglang, not openai")
         self.rng = random.Random(cfg.seed)
 
     async def get_next_item(self):
@@ -136,7 +148,7 @@ class ArithmeticEnv(BaseEnv):
         if returns_text_only(self):
             samples = await sample_chat_text(self, messages, cfg.group_size, cfg.max_new_tokens, cfg.temperature)
         else:
-            prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            prompt = render_prompt(self.tokenizer, messages, cfg.prompt_format).text
             samples = await sample_managed(self, prompt, cfg.group_size, cfg.max_new_tokens, cfg.temperature)
         scores = [self._score(sample.text, answer, sample.finish_reason) for sample in samples]
         return scored_group(samples, scores, cfg.temperature), []

@@ -19,7 +19,7 @@ It is a real ``atroposlib`` ``BaseEnv``: with ``--openai.server_type vllm`` (or
 ``sglang``) it samples through ``ManagedServer`` and sends exact tokens, masks and
 the sampler's log-probs; with ``openai`` it uses chat completions (or completions
 for ``prompt_format plain``) and tokenizes the text itself. The trainer starts it
-from ``conf/data/{gsm8k,math,hellaswag,parquet,jsonl}.yaml``; on its own::
+from ``atropos_verl/conf/data/{gsm8k,math,hellaswag,parquet,jsonl}.yaml``; on its own::
 
     python -m atropos_verl.envs.dataset serve --env.source train.parquet \\
         --env.rollout_server_url API --env.tokenizer_name MODEL --openai.base_url GATEWAY/v1 \\
@@ -46,6 +46,7 @@ from atropos_verl.data.sources import (
     load_rows,
     normalize,
     render_prompt,
+    resolve_prompt_format,
     select,
     shuffled,
 )
@@ -96,8 +97,10 @@ class DatasetEnvConfig(BaseEnvConfig):
         "'... output the final answer after \"####\".'); empty for none",
     )
     max_prompts: int = Field(default=0, ge=0, description="Use at most this many prompts (0: all)")
-    prompt_format: Literal["chat", "plain"] = Field(
-        default="chat", description="chat: the tokenizer's chat template; plain: the message text as is"
+    prompt_format: Literal["auto", "chat", "plain"] = Field(
+        default="auto",
+        description="chat: the tokenizer's chat template; plain: the message text as is; "
+        "auto: chat when the tokenizer has a template, else plain",
     )
     system_prompt: Optional[str] = Field(default=None, description="System message put before prompts that have none")
     max_prompt_length: int = Field(
@@ -181,6 +184,7 @@ class DatasetEnv(BaseEnv):
 
     async def setup(self):
         cfg: DatasetEnvConfig = self.config
+        cfg.prompt_format = resolve_prompt_format(self.tokenizer, cfg.prompt_format)
         if cfg.prompt_format == "chat" and not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"tokenizer {cfg.tokenizer_name} has no chat template: use --env.prompt_format plain")
         self.scorer = Scorer(cfg.reward_fn, cfg.format_score)

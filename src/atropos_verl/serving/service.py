@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from atropos_verl.assets import BUILTIN_PREFIX
-from atropos_verl.config import EngineConfig, ModelConfig
+from atropos_verl.config import ConfigError, EngineConfig, ModelConfig
 from atropos_verl.netutil import free_port
 from atropos_verl.placement import CPU_PLACEMENT, Placement
 from atropos_verl.serving.gateway import Gateway
@@ -178,7 +178,16 @@ class InferenceService:
 
     async def start_gateway(self) -> None:
         """The gateway comes up first so environments can connect early: their requests wait for replicas."""
-        await self.gateway.start()
+        try:
+            await self.gateway.start()
+        except OSError as exc:
+            # Preflight found the ports free; something took one since.
+            ports = [self.engine.gateway_port, *self.engine.gateway_extra_ports]
+            raise ConfigError(
+                f"engine.gateway_port: the gateway cannot listen on {self.engine.gateway_host} port(s) "
+                f"{', '.join(str(p) for p in ports if p)} ({exc.strerror or exc}); pick free ports or leave "
+                "engine.gateway_port null"
+            ) from None
         logger.info("gateway for environments: %s/v1 (model %s)", self.gateway.url, self.model_name)
 
     async def start_replicas(self) -> None:
