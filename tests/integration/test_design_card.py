@@ -1,9 +1,11 @@
-"""The design card's command, `python -m atropos_verl.train model=dialogpt engine=vllm`, trains as it is.
+"""The design card's command, `python -m atropos_verl.train model=dialogpt engine=sglang` (and
+`engine=vllm`), trains as it is.
 
 Nothing else is configured: the default data source is the built-in arithmetic environment,
 the lengths come from the dialogpt config (within its 1024 positions), the device is what
 this machine has. Only the model is swapped for the tiny one (no hub here) and the run is
-kept short; the API port is a free one so parallel runs do not meet.
+kept short; the API port is a free one so parallel runs do not meet. The SGLang case runs
+with the live SGLang-CPU tests (`make test-sglang`), which install SGLang's own venv.
 """
 
 import pytest
@@ -16,12 +18,16 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.mark.timeout(900)
-def test_the_design_card_command_trains_out_of_the_box(tmp_path):
+@pytest.mark.parametrize("engine", ["vllm", pytest.param("sglang", marks=pytest.mark.sglang)])
+def test_the_design_card_command_trains_out_of_the_box(tmp_path, request, engine):
     run_dir = tmp_path / "run"
+    # SGLang runs from its own venv; the fixture finds (or names how to build) its interpreter.
+    engine_python = [f"engine.python={request.getfixturevalue('sglang_python')}"] if engine == "sglang" else []
     code, log = run_to_end(
         train_command(
             "model=dialogpt",
-            "engine=vllm",
+            f"engine={engine}",
+            *engine_python,
             "model.path=builtin:tiny-llama",
             f"atropos.api_url=http://127.0.0.1:{free_port()}",
             "trainer.total_training_steps=2",
