@@ -161,8 +161,10 @@ async def run(args) -> None:
             f" the rest (pause, resume, labels) {(swap_s - load_s) * 1e3:.1f} ms"
         )
         if parts and parts[0]:
-            steps = ", ".join(f"{k} {statistics.median(p[k] for p in parts) * 1e3:.1f}" for k in parts[0])
-            print(f"[{name}]   engine calls (ms): {steps}")
+            times = [k for k in parts[0] if k != "direct"]
+            steps = ", ".join(f"{k} {statistics.median(p[k] for p in parts) * 1e3:.1f}" for k in times)
+            path = {1.0: " (direct load)", 0.0: " (layerwise reload)"}.get(parts[0].get("direct"), "")
+            print(f"[{name}]   engine calls (ms){path}: {steps}")
         timed = [k for k in (stages[name][0] if stages[name] else {}) if k.endswith("seconds")]
         if timed:
             steps = ", ".join(

@@ -103,8 +103,9 @@ class VLLMReplica(ServerReplica):
         ]  # fmt: skip
         if spec.enable_sleep_mode:
             cmd.append("--enable-sleep-mode")
-        if spec.weight_transfer in ("ipc", "nccl") and _cuda_available():
-            # vLLM 0.24's native transfer; the folder reload keeps working beside it.
+        if spec.weight_transfer == "nccl" and _cuda_available():
+            # vLLM 0.24's native transfer; the folder reload keeps working beside it. CUDA IPC
+            # needs none of it: the worker extension opens the trainer's buckets itself.
             cmd += ["--weight-transfer-config", json.dumps({"backend": spec.weight_transfer})]
         if not _cuda_available():
             # The verified CPU setup; vLLM's CPU compile path would add start-up time.
@@ -120,9 +121,6 @@ class VLLMReplica(ServerReplica):
             # refuses to start when that much is not free; 1 GiB of KV cache suits tests and demos.
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         env["VLLM_SERVER_DEV_MODE"] = "1"
-        if self._spec.weight_transfer == "ipc":
-            # The IPC handles arrive pickled over HTTP; vLLM refuses to unpickle them otherwise.
-            env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
         return env
 
     async def _after_start(self) -> None:
@@ -166,19 +164,16 @@ class VLLMReplica(ServerReplica):
     async def load_weights_ipc(self, updates: list[dict[str, Any]], version: int) -> None:
         """Load weights from trainer GPU buckets over CUDA IPC (``transports.cuda_ipc``'s updates).
 
-        Checkpoint format: HF names, vLLM's loaders fuse and shard them. Between start and
-        finish vLLM's layers sit on the meta device, so the replica must be paused.
+        One worker call (``ReloadWorkerExtension.atropos_verl_load_ipc``: HF names, the
+        model's loaders fuse them), then the prefix-cache reset; the replica must be paused.
         """
         started = time.perf_counter()
-        parts: dict[str, float] = {}
         try:
-            await self._server.request("POST", "/start_weight_update", body={"is_checkpoint_format": True})
-            parts["start"] = time.perf_counter() - started
-            for update in updates:
-                await self._server.request("POST", "/update_weights", body={"update_info": update})
-            parts["update"] = time.perf_counter() - started - parts["start"]
-            await self._server.request("POST", "/finish_weight_update")
-            parts["finish"] = time.perf_counter() - started - parts["start"] - parts["update"]
+            body = await self._server.request(
+                "POST",
+                "/collective_rpc",
+                body={"method": "atropos_verl_load_ipc", "kwargs": {"updates": json.dumps(updates)}},
+            )
         except EngineError as exc:
             raise EngineError(
                 f"{exc}\nThe replica may hold a mix of old and new weights: load again or restart it."
@@ -188,11 +183,15 @@ class VLLMReplica(ServerReplica):
         await self._set_weight_version(version)
         self.policy_version = version
         self.last_load_seconds = loaded - started
+        workers = [r for r in body["results"] if isinstance(r, dict)]
+        parts = {key: max(float(r[key]) for r in workers) for key in workers[0]} if workers else {}
+        parts["call"] = loaded - started
         parts["reset"] = time.perf_counter() - loaded
         self.last_load_parts = parts
         logger.info(
-            "%s: loaded policy version %d over CUDA IPC (%d buckets) in %.3fs",
-            self, version, len(updates), time.perf_counter() - started,
+            "%s: loaded policy version %d over CUDA IPC (%d buckets, %s) in %.3fs",
+            self, version, len(updates), "direct" if parts.get("direct") else "layerwise reload",
+            time.perf_counter() - started,
         )  # fmt: skip
 
     async def load_weights_shm(self, layout: dict[str, Any], version: int) -> None:

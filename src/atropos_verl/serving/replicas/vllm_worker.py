@@ -54,6 +54,58 @@ class ReloadWorkerExtension:
         _retie_embeddings(self)
         return {"map": mapped - started, "reload": loaded - mapped, "retie": time.perf_counter() - loaded}
 
+    def atropos_verl_load_ipc(self: Any, updates: str) -> dict[str, float]:
+        """Load every weight from the trainer's GPU buckets (``transports.cuda_ipc``'s updates, JSON).
+
+        One call instead of vLLM's start/update/finish routes. Unquantized CUDA models load
+        straight into their live parameters with the model's own ``load_weights`` (HF names;
+        it fuses qkv / gate_up and skips a tied output projection): on CUDA no layer has a
+        post-load step for unquantized weights, so vLLM's layerwise reload (every layer
+        moved to meta, buffered and rematerialised) would only redo a copy. Anything else
+        takes that reload. Every parameter must be written, or the call fails naming the
+        missing ones. The buckets are read in place: the trainer keeps them unchanged until
+        its next version, and the load has finished with them when this returns.
+        """
+        import base64
+        import pickle
+
+        import torch
+        from torch.multiprocessing.reductions import rebuild_cuda_tensor
+        from vllm.platforms import current_platform
+
+        started = time.perf_counter()
+        device = torch.cuda.current_device()
+        uuid = str(torch.cuda.get_device_properties(device).uuid)
+        weights = []
+        for update in json.loads(updates):
+            handles = pickle.loads(base64.b64decode(update["ipc_handles_pickled"]))
+            if uuid not in handles:
+                raise ValueError(f"no CUDA IPC handle for this worker's GPU {uuid} (the trainer's: {list(handles)})")
+            args = list(handles[uuid])
+            args[6] = device
+            bucket = rebuild_cuda_tensor(*args)
+            offset = 0
+            for name, shape, dtype_name, size in zip(
+                update["names"], update["shapes"], update["dtype_names"], update["tensor_sizes"]
+            ):
+                view = bucket[offset : offset + size].view(getattr(torch, dtype_name)).view(shape)
+                weights.append((name, view))
+                offset += size
+        opened = time.perf_counter()
+        model = self.model_runner.get_model()
+        direct = current_platform.is_cuda_alike() and self.model_runner.model_config.quantization is None
+        if direct:
+            with torch.device(self.device):
+                loaded = model.load_weights(weights)
+            missing = {name for name, _ in model.named_parameters()} - set(loaded or ())
+            if missing:
+                raise ValueError(f"weights not written by the update: {sorted(missing)[:8]} ({len(missing)} in all)")
+        else:
+            self.reload_weights(weights_iterator=weights)
+            _retie_embeddings(self)
+        torch.cuda.synchronize()
+        return {"open": opened - started, "load": time.perf_counter() - opened, "direct": float(direct)}
+
     def atropos_verl_gpu_uuid(self: Any) -> str | None:
         """This worker's physical GPU UUID (None without CUDA): the trainer compares it with its own."""
         import torch

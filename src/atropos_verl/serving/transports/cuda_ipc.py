@@ -12,12 +12,12 @@ Both ends of the format live here and in the vLLM adapter:
   transport is closed. Each bucket becomes one *update*: vLLM 0.24's packed IPC
   ``update_info`` (names, dtypes, shapes, byte sizes, and the pickled
   ``torch.multiprocessing`` handle of the bucket keyed by the GPU's UUID);
-* replica end, ``VLLMReplica.load_weights_ipc``: ``/start_weight_update`` (checkpoint
-  format, so vLLM maps HF names and fuses qkv / gate_up itself), one
-  ``/update_weights`` per update, ``/finish_weight_update``; vLLM's worker maps the
-  bucket, clones the tensors out of it and loads them (the server needs
-  ``--weight-transfer-config '{"backend": "ipc"}'`` and
-  ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``, see ``VLLMReplica``).
+* replica end, ``VLLMReplica.load_weights_ipc``: one ``/collective_rpc`` to the worker
+  extension (``ReloadWorkerExtension.atropos_verl_load_ipc``), which opens the buckets
+  from their handles and loads the tensors in place with the model's own loader (HF
+  names: vLLM fuses qkv / gate_up itself); then the prefix-cache reset. The bucket
+  format is vLLM 0.24's packed ``update_info``, so the same updates also suit its
+  ``/update_weights`` route.
 
 ``prepare`` (gather + pack) runs while replicas serve; ``push`` only makes the HTTP calls.
 The buckets keep the last pushed version until the next ``prepare``, so ``restore`` gives a
