@@ -129,7 +129,13 @@ class Trainer:
             # Environments load while the workers and replicas start; they wait for the
             # trainer's registration (and the gateway for replicas) on their own.
             gateway = (serving.url, serving.model_name) if serving.url is not None else None
-            envs.start(api_url, model_path, gateway, serving.api_key, launch=EnvLaunch.for_run(cfg.trainer))
+            envs.start(
+                api_url,
+                model_path,
+                gateway,
+                serving.api_key,
+                launch=EnvLaunch.for_run(cfg.trainer, cfg.data.group_size),
+            )
             policy = await self._start_policy(model_path, serving)
             stack.callback(policy.shutdown)
             # Runs before the workers stop: the weight transport holds buffers inside them.

@@ -64,6 +64,23 @@ def test_run_facts_are_injected_and_group_size_only_when_set():
     assert flag(env_command(spec, "http://api", "/m", None, group_size=4), "--env.group_size") == "4"
 
 
+def test_environments_sample_one_batch_of_groups_at_once():
+    # 256 sequences in groups of 8: 32 groups in flight, not atroposlib's default 8 (four waves per batch).
+    trainer = TrainerConfig(batch_size=256)
+    cmd = env_command(EnvSpec(name="e", script="env.py"), "http://api", "/m", None, EnvLaunch.for_run(trainer, 8))
+    assert flag(cmd, "--env.max_num_workers") == "32"
+    # Never below the default; group size unknown (each env's own): the env's own default.
+    assert EnvLaunch.for_run(TrainerConfig(batch_size=16), 8).max_num_workers == 8
+    assert "--env.max_num_workers" not in env_command(
+        EnvSpec(name="e", script="env.py"), "http://api", "/m", None, EnvLaunch.for_run(trainer)
+    )
+    # An env's own setting wins.
+    own = EnvSpec(name="e", script="env.py", args=["--env.max_num_workers", "4"])
+    assert (
+        flag(env_command(own, "http://api", "/m", None, EnvLaunch.for_run(trainer, 8)), "--env.max_num_workers") == "4"
+    )
+
+
 def test_wandb_is_on_for_environments_only_when_the_run_logs_to_wandb():
     launch = EnvLaunch.for_run(TrainerConfig(logger=["console", "wandb"]))
     cmd = env_command(EnvSpec(name="gsm8k", script="env.py"), "http://api", "/m", None, launch)

@@ -107,10 +107,16 @@ class EnvLaunch:
     # on, they read the project and group from the API, where the trainer registered
     # atropos.wandb_project / wandb_group.
     use_wandb: bool = False
+    # Groups an environment samples at once. atroposlib's default (8 per node) fills a batch of
+    # 32 groups in four waves: the first GSM8K batch of 256 answers took ~90 s on an H200
+    # whose vLLM ran 64 sequences at a time. With data.group_size known, one batch's groups
+    # are in flight together (never fewer than the default); otherwise each env keeps its own.
+    max_num_workers: Optional[int] = None
 
     @classmethod
-    def for_run(cls, trainer: TrainerConfig) -> EnvLaunch:
-        return cls(trainer.max_token_len, RUN_LONG_AS_THE_TRAINER, "wandb" in trainer.logger)
+    def for_run(cls, trainer: TrainerConfig, group_size: Optional[int] = None) -> EnvLaunch:
+        workers = max(8, -(-trainer.batch_size // group_size)) if group_size else None
+        return cls(trainer.max_token_len, RUN_LONG_AS_THE_TRAINER, "wandb" in trainer.logger, workers)
 
 
 def env_command(
@@ -140,6 +146,8 @@ def env_command(
         cmd += ["--env.max_token_length", str(launch.max_token_length)]
     if launch.total_steps is not None:
         cmd += ["--env.total_steps", str(launch.total_steps)]
+    if launch.max_num_workers is not None:
+        cmd += ["--env.max_num_workers", str(launch.max_num_workers)]
     if group_size is not None:
         cmd += ["--env.group_size", str(group_size)]
     if eval_dir is not None:
