@@ -399,6 +399,14 @@ class EngineConfig:
     # Seconds a request may wait for a sync to finish before the gateway answers 503.
     max_wait: float = _f(300.0, gt=0)
     drain_timeout: float = _f(60.0, gt=0)
+    # Requests in flight when weights change. drain: the gateway waits for them (up to
+    # drain_timeout), so every sequence comes from one policy version; with long answers that
+    # wait is the longest answer's remaining time at every step (13 s for 512-token GSM8K
+    # answers on an H200). keep (vLLM): they stay frozen in the engine across the swap and
+    # finish on the new weights; they are labelled with the version they started under (the
+    # older, so trainer.max_staleness errs safe), and their inference_logprobs are each
+    # token's own sampler's, so the rollout correction stays exact per token.
+    in_flight: str = _f("drain", choices=("drain", "keep"))
     # How weights reach replicas: folder (safetensors on tmpfs, any engine/device), cuda_ipc (vLLM on
     # the trainer's GPU reads its buffers), shared_memory (vLLM-CPU reads a /dev/shm file the CPU
     # trainer writes), nccl (vLLM on other GPUs receives a broadcast; explicit only until it has run on
@@ -426,6 +434,11 @@ class EngineConfig:
 
     def validate(self) -> None:
         check_fields(self, "engine")
+        _require(
+            self.in_flight == "drain" or self.kind == "vllm",
+            "engine.in_flight",
+            f"keep needs engine.kind=vllm (SGLang's pause aborts the requests it holds), got {self.kind}",
+        )
 
 
 ENV_SERVER_TYPES = ("vllm", "sglang", "openai")

@@ -26,9 +26,9 @@ can tell which policy sampled each sequence it trains on.
 
 The version is the one current when the request was admitted: the trainer pauses the
 gateway and drains it before it changes any weights, so that is the version that
-produced the tokens. If a drain times out and the trainer syncs
-anyway, the requests still running are labelled with the old version although part
-of their tokens came from the new weights.
+produced the tokens. If a drain times out and the trainer syncs anyway, or with
+``engine.in_flight=keep`` (no drain), the requests still running are labelled with the
+old version although part of their tokens came from the new weights.
 """
 
 from __future__ import annotations
@@ -225,10 +225,19 @@ class Gateway:
             await self._session.close()
             self._session = None
 
-    async def pause(self, drain_timeout_s: float) -> bool:
-        """Hold new requests and wait for the running ones; False if some are still running at the timeout."""
+    async def pause(self, drain_timeout_s: float, drain: bool = True) -> bool:
+        """Hold new requests and wait for the running ones; False if some are still running at the timeout.
+
+        Without ``drain`` the running ones carry on in the engines, which hold them while the
+        weights change (``engine.in_flight=keep``); they keep the version they started under.
+        """
         self._paused = True
         self._update_gate()
+        if not drain:
+            logger.info(
+                "gateway paused at policy version %d; %d requests stay in flight", self._policy_version, self._in_flight
+            )
+            return True
         logger.info("gateway paused at policy version %d; draining %d requests", self._policy_version, self._in_flight)
         try:
             await asyncio.wait_for(self._idle.wait(), drain_timeout_s)

@@ -207,6 +207,7 @@ class InferenceService:
             transport,
             check_threshold=self.engine.sync_check_threshold,
             drain_timeout_s=self.engine.drain_timeout,
+            drain=self.engine.in_flight == "drain",
         )
         self.weight_sync.policy_version = policy_version
         self.gateway.resume(policy_version)

@@ -4,7 +4,8 @@ One sync, after each optimizer step, through a :mod:`weight transport <atropos_v
 
 1. prepare: trainer-side work that needs no replica paused (the folder transport
    gathers the FSDP2 shards and writes safetensors to tmpfs here);
-2. swap: the gateway stops dispatching and drains, every replica pauses, the
+2. swap: the gateway stops dispatching and drains (with engine.in_flight=keep the
+   replicas hold the running requests instead), every replica pauses, the
    transport pushes the version into all of them, they resume, and the gateway
    resumes with the new policy version (requests that arrive meanwhile wait);
 3. proof: the trainer's log-probs of a probe (sequences from the batch it just
@@ -33,7 +34,7 @@ class SyncMismatchError(RuntimeError):
 
 
 class ServingGate(Protocol):
-    async def pause(self, drain_timeout_s: float) -> bool: ...
+    async def pause(self, drain_timeout_s: float, drain: bool = True) -> bool: ...
 
     def resume(self, policy_version: int) -> None: ...
 
@@ -91,6 +92,7 @@ class WeightSync:
         *,
         check_threshold: Optional[float] = 0.05,
         drain_timeout_s: float = 60.0,
+        drain: bool = True,
     ):
         self.policy = policy
         self.replicas = replicas
@@ -98,6 +100,8 @@ class WeightSync:
         self.transport = transport
         self.check_threshold = check_threshold
         self.drain_timeout_s = drain_timeout_s
+        # False (engine.in_flight=keep): replicas hold the running requests across the swap.
+        self.drain = drain
         self.policy_version = 0
 
     async def sync(self, version: int, probe: list[list[int]]) -> SyncReport:
@@ -106,7 +110,7 @@ class WeightSync:
         prepared = await self.transport.prepare(version)
 
         swap_start = time.perf_counter()
-        if self.gate is not None and not await self.gate.pause(self.drain_timeout_s):
+        if self.gate is not None and not await self.gate.pause(self.drain_timeout_s, self.drain):
             logger.warning(
                 "gateway did not drain within %.0fs; replicas pause with requests in flight", self.drain_timeout_s
             )
