@@ -1,4 +1,4 @@
-"""The local Ray instance the trainer starts requires its token: a process without it is refused."""
+"""The local Ray instance the trainer starts listens on loopback only and requires its token."""
 
 import json
 import os
@@ -27,6 +27,14 @@ STARTER = textwrap.dedent(
         env=stranger_env, capture_output=True, text=True, timeout=90,
     )
     mode = get_authentication_mode()
+    import psutil
+    ray_processes = psutil.Process().children(recursive=True)
+    listeners = sorted({
+        f"{c.laddr.ip}:{c.laddr.port}"
+        for p in ray_processes
+        for c in (p.net_connections(kind="inet") if p.is_running() else [])
+        if c.status == psutil.CONN_LISTEN
+    })
     local.stop()
     print(json.dumps({
         "token_mode": mode == AuthenticationMode.TOKEN,
@@ -35,6 +43,7 @@ STARTER = textwrap.dedent(
         "stranger_code": stranger.returncode,
         "stranger_refused": "Authentication" in stranger.stderr or "InvalidAuthToken" in stranger.stderr,
         "token_folder_left": os.path.exists(os.path.dirname(token)),
+        "listeners": listeners,
     }))
     """
 )
@@ -48,5 +57,9 @@ def test_local_ray_requires_a_token():
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["token_mode"]
     assert result["stranger_code"] != 0 and result["stranger_refused"], result
+    # Every port Ray's processes listen on is on loopback (GCS, raylet, workers, agents).
+    loopback = ("127.0.0.1:", "::ffff:127.0.0.1:", "::1:")
+    assert result["listeners"] and all(addr.startswith(loopback) for addr in result["listeners"]), result
+    assert result["address"].startswith("127.0.0.1:"), result
     # The token file (0600) goes with the instance.
     assert result["file_mode"] == "removed" and not result["token_folder_left"]

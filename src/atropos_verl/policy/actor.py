@@ -118,6 +118,7 @@ def ensure_ray(cfg: RunConfig, device: str) -> Optional[LocalRay]:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if placement.ray_visible_devices is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = placement.ray_visible_devices
+    _loopback_only_ray()
     try:
         ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env_vars})
     finally:
@@ -126,6 +127,21 @@ def ensure_ray(cfg: RunConfig, device: str) -> Optional[LocalRay]:
         else:
             os.environ["CUDA_VISIBLE_DEVICES"] = visible
     return LocalRay(token_folder)
+
+
+def _loopback_only_ray() -> None:
+    """Make the local Ray instance listen on 127.0.0.1 only (GCS, raylet, workers, agents).
+
+    Ray 2.60 on Linux replaces a loopback node address with the host's reachable one
+    (``ray.init(_node_ip_address="127.0.0.1")`` included) and its servers then listen on
+    every interface. With Ray's cluster mode off the node address stays 127.0.0.1 and so do
+    its listeners (checked with ``ss -ltnp``; tests/unit/test_ray_auth.py). The variable is
+    for the processes Ray starts, the constant for this one, which imported Ray already.
+    """
+    from ray._private import ray_constants
+
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def _mean(value: Any) -> float:
