@@ -43,7 +43,7 @@ from atropos_verl.config import RunConfig, check_device, compute_dtype
 from atropos_verl.groups import GroupLimits, validate_batch
 from atropos_verl.metrics import MetricsLogger, env_group_counts, reward_metrics
 from atropos_verl.modelinfo import model_info
-from atropos_verl.placement import Placement, node_gpus, resolve_placement
+from atropos_verl.placement import Placement, node_placement
 from atropos_verl.policy.actor import Actor, resolve_device
 from atropos_verl.report import ProgressBar, finish
 from atropos_verl.serving.service import InferenceService, NoServing, serving_for
@@ -71,7 +71,7 @@ class Trainer:
         device = resolve_device(cfg.trainer.device)
         check_device(cfg, device)
         # Before anything starts: more GPUs asked for than visible fails here, not inside verl.
-        placement = resolve_placement(cfg.trainer, cfg.engine, device, node_gpus() if device == "cuda" else [])
+        placement = node_placement(cfg.trainer, cfg.engine, device)
         started_at = time.monotonic()
         _warn_uncorrected_external(cfg)
         model_path = resolve_model_path(cfg.model.path)
@@ -130,7 +130,7 @@ class Trainer:
             # trainer's registration (and the gateway for replicas) on their own.
             gateway = (serving.url, serving.model_name) if serving.url is not None else None
             envs.start(api_url, model_path, gateway, serving.api_key, launch=EnvLaunch.for_run(cfg.trainer))
-            policy = await self._start_policy(model_path, serving)
+            policy = await self._start_policy(model_path, placement, serving)
             stack.callback(policy.shutdown)
             # Runs before the workers stop: the weight transport holds buffers inside them.
             stack.push_async_callback(serving.detach)
@@ -298,10 +298,12 @@ class Trainer:
             reset_on_mismatch=a.reset_on_mismatch,
         )
 
-    async def _start_policy(self, model_path: str, serving: InferenceService | NoServing) -> Actor:
+    async def _start_policy(
+        self, model_path: str, placement: Placement, serving: InferenceService | NoServing
+    ) -> Actor:
         """Start the policy workers and, concurrently, the inference replicas (both take a while)."""
         constructing = asyncio.ensure_future(
-            asyncio.to_thread(Actor, self.cfg, model_path, on_ray_started=self.signals.reinstall)
+            asyncio.to_thread(Actor, self.cfg, model_path, placement, on_ray_started=self.signals.reinstall)
         )
         try:
             results = await asyncio.gather(
