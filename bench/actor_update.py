@@ -179,10 +179,15 @@ def verl_path(model_dir: Path, groups, advantages, args):
     """Our Actor on the same model and batch; yields (seconds, loss, grad norm, worker peak GiB) per step."""
     from verl.utils import tensordict_utils as tu
 
-    from atropos_verl.policy.actor import Actor
+    from atropos_verl.placement import node_placement
+    from atropos_verl.policy.actor import Actor, resolve_device
 
     cfg = run_config(args)
-    actor = Actor(cfg, str(model_dir), worker_cls=_profiling_worker()) if args.profile else Actor(cfg, str(model_dir))
+    placement = node_placement(cfg.trainer, cfg.engine, resolve_device(cfg.trainer.device))
+    if args.profile:
+        actor = Actor(cfg, str(model_dir), placement, worker_cls=_profiling_worker())
+    else:
+        actor = Actor(cfg, str(model_dir), placement)
     try:
         if args.profile:
             batch, _ = build_batch(

@@ -24,7 +24,8 @@ from actor_update import add_workload_arguments, run_config, workload
 from verl.single_controller.base.decorator import Dispatch, register
 
 from atropos_verl.batch import build_batch
-from atropos_verl.policy.actor import Actor
+from atropos_verl.placement import node_placement
+from atropos_verl.policy.actor import Actor, resolve_device
 from atropos_verl.policy.worker import PolicyWorker
 
 
@@ -56,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="first-forward-"))
     try:
         model_dir, _, groups, advantages = workload(args, workdir)
-        actor = Actor(run_config(args), str(model_dir), worker_cls=TimedPolicyWorker)
+        cfg = run_config(args)
+        placement = node_placement(cfg.trainer, cfg.engine, resolve_device(cfg.trainer.device))
+        actor = Actor(cfg, str(model_dir), placement, worker_cls=TimedPolicyWorker)
         latencies, steps = [], []
         try:
             for _ in range(args.steps):

@@ -58,6 +58,11 @@ def visible_gpus(count: int, environ: Optional[dict[str, str]] = None) -> list[s
     return listed[:count] if "CUDA_VISIBLE_DEVICES" in environ else [str(i) for i in range(count)]
 
 
+def node_placement(trainer: TrainerConfig, engine: EngineConfig, device: str) -> Placement:
+    """:func:`resolve_placement` on the GPUs this process can see."""
+    return resolve_placement(trainer, engine, device, node_gpus() if device == "cuda" else [])
+
+
 def resolve_placement(trainer: TrainerConfig, engine: EngineConfig, device: str, gpus: Sequence[str]) -> Placement:
     """Placement of the run's trainer ranks and replicas on this node's ``gpus``; ConfigError if it cannot be."""
     if device != "cuda":

@@ -10,7 +10,8 @@ verl) into a :class:`~atropos_verl.config.ConfigError` naming the key and the fi
   ``trainer.max_token_len`` and ``engine.max_model_len``;
 * the environments: their scripts and modules exist, and their group sizes can fill
   ``trainer.batch_size`` (the API hands out whole groups only);
-* the devices: ``trainer.device=cuda`` has a GPU, ``trainer.n_gpus_per_node`` GPUs exist;
+* the devices: ``trainer.device=cuda`` has a GPU, and the trainer's ranks and the replicas fit on
+  this node's GPUs (:func:`~atropos_verl.placement.resolve_placement`);
 * the ports the run binds are free, the run directory is writable, and
   ``trainer.resume_from`` names a checkpoint.
 """
@@ -27,6 +28,7 @@ from atropos_verl.atropos.environments import preflight as env_entries_exist
 from atropos_verl.checkpoint import find_checkpoint
 from atropos_verl.config import ConfigError, EnvSpec, RunConfig
 from atropos_verl.netutil import port_is_free
+from atropos_verl.placement import node_gpus, resolve_placement
 
 # Group sizes of the built-in environments' config_init (kept equal by a unit test), so
 # the batch check needs no import of atroposlib (seconds) for the common case.
@@ -155,17 +157,12 @@ def check_devices(cfg: RunConfig) -> None:
     trainer = cfg.trainer
     if trainer.device == "cpu":
         return
-    import torch
-
-    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if trainer.device == "cuda" and available == 0:
+    gpus = node_gpus()
+    if trainer.device == "cuda" and not gpus:
         raise ConfigError("trainer.device: cuda, but torch sees no CUDA GPU here; set trainer.device=cpu or auto")
-    # Another node's GPUs cannot be counted from here; a Ray cluster places the workers itself.
-    if available and trainer.nnodes == 1 and trainer.ray_address is None and trainer.n_gpus_per_node > available:
-        raise ConfigError(
-            f"trainer.n_gpus_per_node: {trainer.n_gpus_per_node} GPUs asked for, {available} present; set "
-            f"trainer.n_gpus_per_node<={available}"
-        )
+    if gpus:
+        # The run's own check (GPU count, replica GPUs), run now rather than once the API and envs are up.
+        resolve_placement(trainer, cfg.engine, "cuda", gpus)
 
 
 def check_model(cfg: RunConfig) -> None:

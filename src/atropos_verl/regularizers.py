@@ -42,7 +42,7 @@ import torch
 from verl.utils import tensordict_utils as tu
 
 from atropos_verl.config import DISTILL_DIRECTIONS, KL_LOSS_TYPES
-from atropos_verl.policy.logprobs import CHUNK_BYTES, _chunk_rows
+from atropos_verl.logit_chunks import CHUNK_BYTES, rows_per_chunk
 
 # Stands in for the log-prob of a padded top-k slot: exp() of it is exactly 0 in float32,
 # and it stays finite, so no NaN reaches a gradient through where().
@@ -126,7 +126,7 @@ class _Entropy(torch.autograd.Function):
 
 def token_entropy(logits: torch.Tensor, positions: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
     """Entropy (float32) of ``softmax(logits[p])`` for each row index p of ``positions`` (``logits``: (rows, V))."""
-    return _Entropy.apply(logits, positions, _chunk_rows(logits.shape[-1], chunk_bytes))
+    return _Entropy.apply(logits, positions, rows_per_chunk(logits.shape[-1], chunk_bytes))
 
 
 @dataclass(frozen=True)

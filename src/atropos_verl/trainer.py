@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -40,15 +41,15 @@ from atropos_verl.atropos.front import FrontCounters, TrajectoryFront
 from atropos_verl.batch import build_batch
 from atropos_verl.checkpoint import CheckpointDir, Progress, find_checkpoint, run_dir_lock
 from atropos_verl.config import RunConfig, check_device, compute_dtype
-from atropos_verl.groups import GroupLimits, validate_batch
+from atropos_verl.groups import GroupLimits, ScoredGroup, validate_batch
 from atropos_verl.metrics import MetricsLogger, env_group_counts, reward_metrics
 from atropos_verl.modelinfo import model_info
-from atropos_verl.placement import Placement, node_gpus, resolve_placement
+from atropos_verl.placement import Placement, node_placement
 from atropos_verl.policy.actor import Actor, resolve_device
 from atropos_verl.report import ProgressBar, finish
 from atropos_verl.serving.service import InferenceService, NoServing, serving_for
 from atropos_verl.spool import GroupSpool
-from atropos_verl.staleness import bound_staleness
+from atropos_verl.staleness import Lineage, StalenessReport, bound_staleness
 from atropos_verl.stopping import StopSignals, finish_in_thread
 
 logger = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ class Trainer:
         device = resolve_device(cfg.trainer.device)
         check_device(cfg, device)
         # Before anything starts: more GPUs asked for than visible fails here, not inside verl.
-        placement = resolve_placement(cfg.trainer, cfg.engine, device, node_gpus() if device == "cuda" else [])
+        placement = node_placement(cfg.trainer, cfg.engine, device)
         started_at = time.monotonic()
         _warn_uncorrected_external(cfg)
         model_path = resolve_model_path(cfg.model.path)
@@ -136,7 +137,7 @@ class Trainer:
                 serving.api_key,
                 launch=EnvLaunch.for_run(cfg.trainer, cfg.data.group_size),
             )
-            policy = await self._start_policy(model_path, serving)
+            policy = await self._start_policy(model_path, placement, serving)
             stack.callback(policy.shutdown)
             # Runs before the workers stop: the weight transport holds buffers inside them.
             stack.push_async_callback(serving.detach)
@@ -168,9 +169,7 @@ class Trainer:
         metrics_logger: MetricsLogger,
     ) -> None:
         cfg, progress = self.cfg, self.progress
-        last_saved, rejected_since_step = progress.step, 0
-        # Staleness of the groups trainer.max_staleness dropped since the last step.
-        dropped_since_step: list[int] = []
+        last_saved, kept_out = progress.step, KeptOut()
         with contextlib.closing(
             ProgressBar(cfg.trainer.total_training_steps, progress.step, cfg.trainer.progress_bar)
         ) as bar:
@@ -178,27 +177,15 @@ class Trainer:
                 wait_start = time.perf_counter()
                 batch_id, raw_groups = await source.next()
                 step_start = time.perf_counter()
-                validated = validate_batch(raw_groups, progress.step + 1, limits)
-                rejected_since_step += len(validated.rejected)
-                progress.groups_rejected_total += len(validated.rejected)
-                fresh, staleness = bound_staleness(
-                    validated.groups,
-                    serving.lineage,
-                    progress.step,
-                    cfg.trainer.max_staleness,
-                    cfg.trainer.stale_groups,
-                )
-                dropped_since_step += staleness.dropped
-                progress.groups_stale_total += len(staleness.dropped)
-                validated.groups = fresh
-                if not validated.groups:
+                groups, staleness = self._admit(raw_groups, serving.lineage, limits, kept_out)
+                if not groups:
                     logger.warning("every group of the batch was rejected or too stale; waiting for the next batch")
                     source.done(batch_id, progress.step)
                     continue
 
-                advantages, advantage_stats = token_advantages(validated.groups, cfg.advantage)
+                advantages, advantage_stats = token_advantages(groups, cfg.advantage)
                 batch, batch_stats = build_batch(
-                    validated.groups,
+                    groups,
                     advantages,
                     reduction=cfg.loss.reduction,
                     use_sampling_temperature=cfg.loss.use_sampling_temperature,
@@ -210,40 +197,23 @@ class Trainer:
                 train_metrics = await finish_in_thread(policy.train, batch)
                 train_s = time.perf_counter() - train_start
                 progress.step += 1
-                progress.groups_trained_total += len(validated.groups)
+                progress.groups_trained_total += len(groups)
                 source.done(batch_id, progress.step)
-                sync_metrics = await serving.after_training(
-                    progress.step, [t for g in validated.groups for t in g.tokens]
-                )
+                sync_metrics = await serving.after_training(progress.step, [t for g in groups for t in g.tokens])
 
                 # Groups the front refused when they were posted count as rejected too.
-                refused = front.take_counters() if front is not None else FrontCounters()
-                rejected_since_step += refused.rejected
-                progress.groups_rejected_total += refused.rejected
-                metrics = {
-                    **train_metrics,
-                    **sync_metrics,
-                    **reward_metrics(validated.groups),
-                    **env_group_counts(validated.groups),
-                    **source.client.counters(),
-                    **advantage_stats.as_metrics(),
-                    **batch_stats.as_metrics(),
-                    **source.envs.evals.new_metrics(),
-                    **staleness.as_metrics(),
-                    "staleness/groups_dropped": len(dropped_since_step),
-                    **({"staleness/dropped_min": min(dropped_since_step)} if dropped_since_step else {}),
-                    "staleness/groups_dropped_total": progress.groups_stale_total,
-                    "data/groups": len(validated.groups),
-                    "data/groups_rejected": rejected_since_step,
-                    "data/groups_rejected_total": progress.groups_rejected_total,
-                    "data/groups_refused_at_api": refused.rejected,
-                    "data/batches_served_again": refused.batches_served_again,
+                kept_out.refused = front.take_counters() if front is not None else FrontCounters()
+                kept_out.rejected += kept_out.refused.rejected
+                progress.groups_rejected_total += kept_out.refused.rejected
+                stages = [train_metrics, sync_metrics, advantage_stats.as_metrics(), batch_stats.as_metrics()]
+                timing = {
                     "timing/wait_s": step_start - wait_start,
                     "timing/train_s": train_s,
                     "timing/step_s": time.perf_counter() - step_start,
                     "perf/tokens_per_s": batch_stats.num_tokens / max(train_s, 1e-9),
                 }
-                rejected_since_step, dropped_since_step = 0, []
+                metrics = step_metrics(groups, stages, staleness, kept_out, progress, source, timing)
+                kept_out = KeptOut()
                 metrics_logger.log(progress.step, metrics)
                 bar.update(metrics, (await source.client.status()).queue_size if cfg.trainer.progress_bar else None)
                 _log_step(progress.step, cfg.trainer.total_training_steps, metrics)
@@ -252,6 +222,19 @@ class Trainer:
                     last_saved = progress.step
         if last_saved != progress.step:
             await self._save(policy, source)
+
+    def _admit(
+        self, raw_groups: list, lineage: Optional[Lineage], limits: GroupLimits, kept_out: KeptOut
+    ) -> tuple[list[ScoredGroup], StalenessReport]:
+        """The batch's groups that pass the trainer's checks and trainer.max_staleness; the others are counted."""
+        progress, t = self.progress, self.cfg.trainer
+        validated = validate_batch(raw_groups, progress.step + 1, limits)
+        kept_out.rejected += len(validated.rejected)
+        progress.groups_rejected_total += len(validated.rejected)
+        fresh, staleness = bound_staleness(validated.groups, lineage, progress.step, t.max_staleness, t.stale_groups)
+        kept_out.stale += staleness.dropped
+        progress.groups_stale_total += len(staleness.dropped)
+        return fresh, staleness
 
     def _resume_point(self) -> Optional[int]:
         """Restore the loop's progress from the checkpoint to resume; weights are loaded once workers exist.
@@ -304,10 +287,12 @@ class Trainer:
             reset_on_mismatch=a.reset_on_mismatch,
         )
 
-    async def _start_policy(self, model_path: str, serving: InferenceService | NoServing) -> Actor:
+    async def _start_policy(
+        self, model_path: str, placement: Placement, serving: InferenceService | NoServing
+    ) -> Actor:
         """Start the policy workers and, concurrently, the inference replicas (both take a while)."""
         constructing = asyncio.ensure_future(
-            asyncio.to_thread(Actor, self.cfg, model_path, on_ray_started=self.signals.reinstall)
+            asyncio.to_thread(Actor, self.cfg, model_path, placement, on_ray_started=self.signals.reinstall)
         )
         try:
             results = await asyncio.gather(
@@ -333,6 +318,46 @@ class Trainer:
         await finish_in_thread(self.checkpoints.commit, dataclasses.replace(self.progress))
         source.checkpoint_committed(step)
         logger.info("checkpoint saved at step %d: %s", step, self.checkpoints.step_dir(step))
+
+
+@dataclass
+class KeptOut:
+    """Groups kept out of training since the last step (the loop starts a new record after each step)."""
+
+    # By the trainer's checks, and by the front when they were posted.
+    rejected: int = 0
+    # The staleness of each group trainer.max_staleness dropped.
+    stale: list[int] = field(default_factory=list)
+    refused: FrontCounters = field(default_factory=FrontCounters)
+
+
+def step_metrics(
+    groups: list[ScoredGroup],
+    stages: list[dict[str, float]],
+    staleness: StalenessReport,
+    kept_out: KeptOut,
+    progress: Progress,
+    source: BatchSource,
+    timing: dict[str, float],
+) -> dict[str, float]:
+    """One step's metrics: the stages' own, the trained groups', the API's and environments', what was kept out."""
+    return {
+        **{name: value for stage in stages for name, value in stage.items()},
+        **reward_metrics(groups),
+        **env_group_counts(groups),
+        **source.client.counters(),
+        **source.envs.evals.new_metrics(),
+        **staleness.as_metrics(),
+        "staleness/groups_dropped": len(kept_out.stale),
+        **({"staleness/dropped_min": min(kept_out.stale)} if kept_out.stale else {}),
+        "staleness/groups_dropped_total": progress.groups_stale_total,
+        "data/groups": len(groups),
+        "data/groups_rejected": kept_out.rejected,
+        "data/groups_rejected_total": progress.groups_rejected_total,
+        "data/groups_refused_at_api": kept_out.refused.rejected,
+        "data/batches_served_again": kept_out.refused.batches_served_again,
+        **timing,
+    }
 
 
 def _warn_uncorrected_external(cfg: RunConfig) -> None:

@@ -11,14 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
+import live_replica
 import pytest
 from atroposlib.envs.server_handling.server_baseline import APIServerConfig
 from atroposlib.envs.server_handling.server_manager import ServerManager
@@ -31,24 +30,15 @@ from atropos_verl.serving.replicas.access import TOKEN_HEADER
 
 pytestmark = [pytest.mark.integration, pytest.mark.sglang]
 
-T = TypeVar("T")
-
 MODEL_NAME = "tiny"
 ENV_MODEL_NAME = "org/hub-name-of-the-policy"
 START_TIMEOUT_S = 240.0
 LOGPROB_ATOL = 1e-3
-PROMPT = "The quick brown fox jumps over the lazy dog because"
 REPLICA_TOKEN = "sglang-replica-token-for-tests"
 
 
-@dataclass
-class Live:
-    loop: asyncio.AbstractEventLoop
+class Live(live_replica.Live):
     replica: SGLangReplica
-    session: aiohttp.ClientSession
-
-    def run(self, awaitable: Awaitable[T], timeout_s: float = 60.0) -> T:
-        return self.loop.run_until_complete(asyncio.wait_for(awaitable, timeout_s))
 
     async def generate(self, prompt_ids: list[int], **sampling: Any) -> dict[str, Any]:
         body = {"input_ids": prompt_ids, "sampling_params": sampling, "return_logprob": True}
@@ -61,26 +51,13 @@ class Live:
         return list((await self.generate(prompt_ids, max_new_tokens=max_tokens, temperature=0))["output_ids"])
 
 
-def _port_accepts(url: str) -> bool:
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    try:
-        with socket.create_connection((host, int(port)), timeout=1.0):
-            return True
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def prompt_ids(tiny_model: str) -> list[int]:
-    from transformers import AutoTokenizer
-
-    ids: list[int] = AutoTokenizer.from_pretrained(tiny_model)(PROMPT)["input_ids"]
-    return ids
+    return live_replica.prompt_ids_of(tiny_model)
 
 
 @pytest.fixture(scope="module")
 def live(tiny_model: str, sglang_python: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
-    loop = asyncio.new_event_loop()
     spec = ReplicaSpec(
         model_path=tiny_model,
         served_model_name=MODEL_NAME,
@@ -91,28 +68,12 @@ def live(tiny_model: str, sglang_python: str, tmp_path_factory: pytest.TempPathF
     )
     logs = tmp_path_factory.mktemp("sglang-logs")
     replica = SGLangReplica(spec, name="sglang-test", log_dir=logs, python=sglang_python)
-    try:
-        started = time.monotonic()
-        loop.run_until_complete(replica.start(timeout_s=START_TIMEOUT_S))
-        print(f"\nSGLang replica ready in {time.monotonic() - started:.1f}s")
-        session = loop.run_until_complete(_new_session())
-        try:
-            yield Live(loop=loop, replica=replica, session=session)
-        finally:
-            loop.run_until_complete(session.close())
-    finally:
-        loop.run_until_complete(replica.stop())
-        loop.close()
-
-
-async def _new_session(token: str | None = REPLICA_TOKEN) -> aiohttp.ClientSession:
-    headers = {TOKEN_HEADER: token} if token else {}
-    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60), headers=headers)
+    yield from live_replica.serve_module(Live, replica, START_TIMEOUT_S, REPLICA_TOKEN, "SGLang")
 
 
 def test_only_holders_of_the_replica_token_reach_the_server(live: Live) -> None:
     async def statuses(token: str | None) -> dict[str, int]:
-        async with await _new_session(token) as session:
+        async with await live_replica.new_session(token) as session:
             url = live.replica.base_url
             calls = {
                 "/health": session.get(f"{url}/health"),
@@ -152,36 +113,13 @@ def test_start_health_and_generation(live: Live, prompt_ids: list[int]) -> None:
 
 @pytest.fixture(scope="module")
 def perturbed_model(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The tiny model with noise on every Linear weight, saved with HF names."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.weight.add_(torch.randn(module.weight.shape, generator=generator) * 0.05)
-    out = tmp_path_factory.mktemp("perturbed")
-    model.save_pretrained(out)
-    return str(out)
-
-
-def _hf_prompt_logprobs(model_dir: str, prompt_ids: list[int]) -> list[float]:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt_ids])).logits[0, :-1]
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    return logprobs.gather(1, torch.tensor(prompt_ids[1:]).unsqueeze(1)).squeeze(1).tolist()
+    return live_replica.save_perturbed(tiny_model, tmp_path_factory.mktemp("perturbed"))
 
 
 def _assert_served(live: Live, prompt_ids: list[int], model_dir: str) -> None:
     entries = live.run(live.replica.prompt_logprobs(prompt_ids))
     assert len(entries) == len(prompt_ids) and entries[0] is None
-    want = _hf_prompt_logprobs(model_dir, prompt_ids)
+    want = live_replica.hf_prompt_logprobs(model_dir, prompt_ids)
     worst = max(abs(g - w) for g, w in zip(entries[1:], want))  # type: ignore[operator]
     assert worst <= LOGPROB_ATOL, f"max |SGLang - transformers| logprob difference {worst:.2e}"
 
@@ -324,7 +262,7 @@ def test_atroposlib_sglang_client_through_the_gateway(live: Live, tiny_model: st
             server = SGLangServer(client_config(gateway, tiny_model, "sglang"))
             try:
                 _, outputs, logprobs, finish = await server.tokens_and_logprobs_completion(
-                    prompt=PROMPT, n=2, max_tokens=5, temperature=1.0
+                    prompt=live_replica.PROMPT, n=2, max_tokens=5, temperature=1.0
                 )
                 assert len(outputs) == len(logprobs) == len(finish) == 2
                 for ids, lps, reason in zip(outputs, logprobs, finish):
@@ -353,7 +291,7 @@ def test_atroposlib_sglang_client_through_the_gateway(live: Live, tiny_model: st
                 async with session.post(f"{gateway.url}/generate", json=vllm_body) as resp:
                     refusal = await resp.json()
                     assert resp.status == 400 and "prompt_logprobs" in refusal["error"]["message"]
-                completion = {"model": ENV_MODEL_NAME, "prompt": PROMPT, "max_tokens": 3, "temperature": 0}
+                completion = {"model": ENV_MODEL_NAME, "prompt": live_replica.PROMPT, "max_tokens": 3, "temperature": 0}
                 async with session.post(f"{gateway.url}/v1/completions", json=completion) as resp:
                     payload = await resp.json()
                     assert resp.status == 200, payload
@@ -370,7 +308,7 @@ def test_atroposlib_vllm_client_is_translated_for_sglang(live: Live, tiny_model:
             server = VLLMServer(client_config(gateway, tiny_model, "vllm"))
             try:
                 _, outputs, logprobs, finish = await server.tokens_and_logprobs_completion(
-                    prompt=PROMPT, n=2, max_tokens=5, temperature=1.0
+                    prompt=live_replica.PROMPT, n=2, max_tokens=5, temperature=1.0
                 )
                 assert len(outputs) == len(logprobs) == len(finish) == 2
                 for ids, lps in zip(outputs, logprobs):
@@ -418,11 +356,11 @@ def test_managed_server_chat_through_the_gateway(live: Live, tiny_model: str, se
 def test_stop_kills_the_process_group_and_frees_the_port(live: Live) -> None:
     replica = live.replica
     pid, url = replica.pid, replica.base_url
-    assert pid is not None and _port_accepts(url)
+    assert pid is not None and live_replica.port_accepts(url)
     live.run(replica.stop(), timeout_s=40)
     assert replica.pid is None and not Path(f"/proc/{pid}").exists()
     with pytest.raises(ProcessLookupError):
         os.killpg(pid, 0)
-    assert not _port_accepts(url)
+    assert not live_replica.port_accepts(url)
     with pytest.raises(EngineError, match="not started"):
         live.run(replica.pause())

@@ -21,6 +21,7 @@ from atropos_verl.batch import build_batch
 from atropos_verl.config import AdvantageConfig, RunConfig
 from atropos_verl.groups import GroupLimits, parse_group
 from atropos_verl.loss import advantage_weighted_token_loss
+from atropos_verl.placement import CPU_PLACEMENT
 from atropos_verl.policy.actor import Actor
 
 pytestmark = pytest.mark.integration
@@ -156,7 +157,7 @@ def train_one_batch(model_path, group, **settings):
     cfg.trainer.max_token_len = min(cfg.trainer.max_token_len, cfg.actor.max_token_len_per_gpu)
     cfg.validate()
     advantages, _ = token_advantages([group], AdvantageConfig(clip=None))
-    actor = Actor(cfg, model_path)
+    actor = Actor(cfg, model_path, CPU_PLACEMENT)
     try:
         batch, _ = build_batch(
             [group],

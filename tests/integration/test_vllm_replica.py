@@ -9,27 +9,22 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import time
-from collections.abc import Awaitable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
+import live_replica
 import pytest
 
 from atropos_verl.serving.replicas import EngineError, ReplicaSpec, VLLMReplica
-from atropos_verl.serving.replicas.access import TOKEN_HEADER
 
 pytestmark = pytest.mark.integration
-
-T = TypeVar("T")
 
 MODEL_NAME = "tiny"
 START_TIMEOUT_S = 180.0
 LOGPROB_ATOL = 1e-3
-PROMPT = "The quick brown fox jumps over the lazy dog because"
 REPLICA_TOKEN = "replica-token-for-tests"
 
 
@@ -47,14 +42,8 @@ def _spec(model_path: str, **overrides: Any) -> ReplicaSpec:
     return ReplicaSpec(**base)
 
 
-@dataclass
-class Live:
-    loop: asyncio.AbstractEventLoop
+class Live(live_replica.Live):
     replica: VLLMReplica
-    session: aiohttp.ClientSession
-
-    def run(self, awaitable: Awaitable[T], timeout_s: float = 60.0) -> T:
-        return self.loop.run_until_complete(asyncio.wait_for(awaitable, timeout_s))
 
     async def completion(self, prompt_ids: list[int], **params: Any) -> dict[str, Any]:
         body = {"model": MODEL_NAME, "prompt": prompt_ids, **params}
@@ -82,53 +71,24 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _port_accepts(url: str) -> bool:
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    try:
-        with socket.create_connection((host, int(port)), timeout=1.0):
-            return True
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def prompt_ids(tiny_model: str) -> list[int]:
-    from transformers import AutoTokenizer
-
-    ids: list[int] = AutoTokenizer.from_pretrained(tiny_model)(PROMPT)["input_ids"]
-    return ids
+    return live_replica.prompt_ids_of(tiny_model)
 
 
 @pytest.fixture(scope="module")
 def live(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
-    loop = asyncio.new_event_loop()
     replica = VLLMReplica(
         _spec(tiny_model, access_token=REPLICA_TOKEN), name="vllm-test", log_dir=tmp_path_factory.mktemp("vllm-logs")
     )
-    try:
-        started = time.monotonic()
-        loop.run_until_complete(replica.start(timeout_s=START_TIMEOUT_S))
-        print(f"\nvLLM replica ready in {time.monotonic() - started:.1f}s")
-        session = loop.run_until_complete(_new_session())
-        try:
-            yield Live(loop=loop, replica=replica, session=session)
-        finally:
-            loop.run_until_complete(session.close())
-    finally:
-        loop.run_until_complete(replica.stop())
-        loop.close()
-
-
-async def _new_session(token: str | None = REPLICA_TOKEN) -> aiohttp.ClientSession:
-    headers = {TOKEN_HEADER: token} if token else {}
-    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60), headers=headers)
+    yield from live_replica.serve_module(Live, replica, START_TIMEOUT_S, REPLICA_TOKEN, "vLLM")
 
 
 def test_only_holders_of_the_replica_token_reach_the_server(live: Live) -> None:
     """Dev-mode control routes too: vLLM's own --api-key would leave /collective_rpc and /pause open."""
 
     async def statuses(token: str | None) -> dict[str, int]:
-        async with await _new_session(token) as session:
+        async with await live_replica.new_session(token) as session:
             url = live.replica.base_url
             calls = {
                 "/health": session.get(f"{url}/health"),
@@ -151,31 +111,7 @@ def test_only_holders_of_the_replica_token_reach_the_server(live: Live) -> None:
 
 @pytest.fixture(scope="module")
 def perturbed_model(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The tiny model with noise on every Linear weight, saved with HF names."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear):
-                noise = torch.randn(module.weight.shape, generator=generator) * 0.05
-                module.weight.add_(noise)
-    out = tmp_path_factory.mktemp("perturbed")
-    model.save_pretrained(out)
-    return str(out)
-
-
-def _hf_prompt_logprobs(model_dir: str, prompt_ids: list[int]) -> list[float]:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt_ids])).logits[0, :-1]
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    return logprobs.gather(1, torch.tensor(prompt_ids[1:]).unsqueeze(1)).squeeze(1).tolist()
+    return live_replica.save_perturbed(tiny_model, tmp_path_factory.mktemp("perturbed"))
 
 
 def _served_logprobs(live: Live, prompt_ids: list[int]) -> list[float]:
@@ -212,21 +148,21 @@ def test_load_weights_swaps_and_restores(
 ) -> None:
     replica = live.replica
     original_tokens = live.run(live.greedy(prompt_ids))
-    _assert_close(_served_logprobs(live, prompt_ids), _hf_prompt_logprobs(tiny_model, prompt_ids))
+    _assert_close(_served_logprobs(live, prompt_ids), live_replica.hf_prompt_logprobs(tiny_model, prompt_ids))
 
     started = time.perf_counter()
     live.run(replica.load_weights(perturbed_model, version=1))
     load_s = time.perf_counter() - started
     assert replica.policy_version == 1 and live.run(replica.weight_version()) == "1"
     assert live.run(live.greedy(prompt_ids)) != original_tokens
-    _assert_close(_served_logprobs(live, prompt_ids), _hf_prompt_logprobs(perturbed_model, prompt_ids))
+    _assert_close(_served_logprobs(live, prompt_ids), live_replica.hf_prompt_logprobs(perturbed_model, prompt_ids))
 
     started = time.perf_counter()
     live.run(replica.load_weights(tiny_model, version=2))
     restore_s = time.perf_counter() - started
     assert replica.policy_version == 2 and live.run(replica.weight_version()) == "2"
     assert live.run(live.greedy(prompt_ids)) == original_tokens
-    _assert_close(_served_logprobs(live, prompt_ids), _hf_prompt_logprobs(tiny_model, prompt_ids))
+    _assert_close(_served_logprobs(live, prompt_ids), live_replica.hf_prompt_logprobs(tiny_model, prompt_ids))
     print(f"\nload_weights: {load_s:.3f}s (perturbed), {restore_s:.3f}s (original)")
 
 
@@ -360,13 +296,13 @@ def test_stop_kills_process_group_and_frees_port(live: Live) -> None:
     replica = live.replica
     pid = replica.pid
     url = replica.base_url
-    assert pid is not None and _port_accepts(url)
+    assert pid is not None and live_replica.port_accepts(url)
     live.run(replica.stop(), timeout_s=40)
     assert replica.pid is None
     assert not Path(f"/proc/{pid}").exists()
     with pytest.raises(ProcessLookupError):
         os.killpg(pid, 0)
-    assert not _port_accepts(url)
+    assert not live_replica.port_accepts(url)
     assert not live.run(replica.health())
     live.run(replica.stop())
     with pytest.raises(EngineError, match="not started"):

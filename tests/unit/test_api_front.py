@@ -159,3 +159,16 @@ def test_front_reports_a_dead_run_api_as_502() -> None:
         assert "502" in str(err.value) and "did not answer" in str(err.value)
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("path", ["/scored_data", "/scored_data_list"])
+def test_a_body_that_is_not_json_is_answered_400(path: str) -> None:
+    """Refused by the front itself: nothing reaches run-api (none listens upstream here)."""
+
+    async def scenario() -> None:
+        async with TrajectoryFront(f"http://127.0.0.1:{free_port()}", "127.0.0.1", free_port(), BATCH) as front:
+            status, answer = await _post(front.url, path, b'{"tokens": [[1, 2]')
+            assert status == 400 and answer["error"].startswith("body is not JSON: "), answer
+            assert front.take_counters().rejected == 0
+
+    asyncio.run(scenario())

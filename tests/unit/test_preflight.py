@@ -136,8 +136,22 @@ def test_more_gpus_than_present_are_named(tmp_path, monkeypatch):
     # The count is what torch reports; this machine's own may be zero.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    with pytest.raises(ConfigError, match=r"^trainer\.n_gpus_per_node: 4 GPUs asked for, 2 present; set trainer\."):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with pytest.raises(
+        ConfigError, match=r"^trainer\.n_gpus_per_node: 4 GPUs asked for, 2 visible \(0, 1\); set trainer\."
+    ):
         preflight(config(tmp_path, device="cuda", n_gpus_per_node=4))
+
+
+def test_replicas_that_do_not_fit_the_gpus_are_named(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    engine = EngineConfig(kind="vllm", replicas=3)
+    with pytest.raises(ConfigError, match=r"^engine\.replicas x engine\.tensor_parallel_size: 3 x 1 GPUs do not fit"):
+        preflight(config(tmp_path, engine=engine, device="cuda", n_gpus_per_node=2))
 
 
 def test_an_unloadable_model_is_named(tmp_path):

@@ -12,13 +12,14 @@ STARTER = textwrap.dedent(
     """
     import json, os, stat, subprocess, sys
     from atropos_verl.config import RunConfig
+    from atropos_verl.placement import CPU_PLACEMENT
     from atropos_verl.policy.actor import ensure_ray
     import ray
     from ray._raylet import AuthenticationMode, get_authentication_mode
 
     cfg = RunConfig()
     cfg.trainer.ray_num_cpus = 1
-    local = ensure_ray(cfg, "cpu")
+    local = ensure_ray(cfg, "cpu", CPU_PLACEMENT)
     token = os.environ["RAY_AUTH_TOKEN_PATH"]
     address = ray.get_runtime_context().gcs_address
     stranger_env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}

@@ -137,8 +137,14 @@ class TrajectoryFront:
     # -- posts from environments ---------------------------------------------------------------
 
     async def _read_json(self, request: web.Request) -> Any:
-        # aiohttp has already undone atroposlib's Content-Encoding: gzip.
-        return json.loads(await request.read())
+        """The request's parsed body; a body that is not JSON is answered 400 here (aiohttp sends the raised reply)."""
+        try:
+            # aiohttp has already undone atroposlib's Content-Encoding: gzip.
+            return json.loads(await request.read())
+        except (ValueError, OSError) as exc:
+            raise web.HTTPBadRequest(
+                text=json.dumps({"error": f"body is not JSON: {exc}"}), content_type="application/json"
+            ) from None
 
     def _refusal(self, group: Any) -> Optional[str]:
         self._posted += 1
@@ -153,20 +159,14 @@ class TrajectoryFront:
         return reason
 
     async def _scored_data(self, request: web.Request) -> web.StreamResponse:
-        try:
-            group = await self._read_json(request)
-        except (ValueError, OSError) as exc:
-            return web.json_response({"error": f"body is not JSON: {exc}"}, status=400)
+        group = await self._read_json(request)
         reason = self._refusal(group)
         if reason:
             return web.json_response({"error": reason}, status=400)
         return await self._forward("POST", "/scored_data", json.dumps(group).encode())
 
     async def _scored_data_list(self, request: web.Request) -> web.StreamResponse:
-        try:
-            groups = await self._read_json(request)
-        except (ValueError, OSError) as exc:
-            return web.json_response({"error": f"body is not JSON: {exc}"}, status=400)
+        groups = await self._read_json(request)
         if not isinstance(groups, list):
             return web.json_response({"error": "expected a JSON list of scored groups"}, status=400)
         verdicts = [(group, self._refusal(group)) for group in groups]

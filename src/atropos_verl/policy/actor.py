@@ -31,7 +31,7 @@ from atropos_verl.assets import resolve_model_path
 from atropos_verl.batch import pack_sequences
 from atropos_verl.config import RolloutCorrectionConfig, RunConfig
 from atropos_verl.loss import Rejection, RolloutCorrection, verl_policy_loss
-from atropos_verl.placement import node_gpus, resolve_placement
+from atropos_verl.placement import Placement
 from atropos_verl.policy.verl_config import training_worker_config
 from atropos_verl.policy.worker import PolicyWorker
 from atropos_verl.regularizers import COMPUTE_ENTROPY, RATIO_METRICS, Regularizers
@@ -93,8 +93,10 @@ class LocalRay:
             _reload_ray_config()
 
 
-def ensure_ray(cfg: RunConfig, device: str) -> Optional[LocalRay]:
+def ensure_ray(cfg: RunConfig, device: str, placement: Placement) -> Optional[LocalRay]:
     """Join ``trainer.ray_address``, or start a private local Ray instance with token authentication.
+
+    A local instance sees only the GPUs ``placement`` gives the trainer's ranks.
 
     Returns the local instance when this call started one (None when it joined a
     cluster or Ray was already up). A cluster's own ``RAY_AUTH_*`` settings are the
@@ -112,7 +114,6 @@ def ensure_ray(cfg: RunConfig, device: str) -> Optional[LocalRay]:
         return None
     token_folder = None if "RAY_AUTH_MODE" in os.environ else _require_ray_token()
     num_cpus = cfg.trainer.ray_num_cpus or max(os.cpu_count() or 1, cfg.trainer.world_size)
-    placement = resolve_placement(cfg.trainer, cfg.engine, device, node_gpus() if device == "cuda" else [])
     # Split placement: Ray's raylet (started now, inheriting this environment) sees only the
     # trainer's GPUs, so verl cannot put a rank on a replica's GPU.
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -189,16 +190,19 @@ class Actor:
         self,
         cfg: RunConfig,
         model_path: str,
+        placement: Placement,
         worker_cls: type[PolicyWorker] = PolicyWorker,
         on_ray_started: Callable[[], None] | None = None,
     ):
-        """``on_ray_started`` runs once Ray is connected (it replaces the SIGTERM handler), before the workers start."""
+        """``placement``: the run's (:func:`atropos_verl.placement.resolve_placement`), for the local Ray's GPUs.
+
+        ``on_ray_started`` runs once Ray is connected (it replaces the SIGTERM handler), before the workers start."""
         self.cfg = cfg
         self.device = resolve_device(cfg.trainer.device)
         if self.device == "cpu":
             os.environ["VERL_PLATFORM"] = "cpu"
         # Set when this Actor started Ray: stopped, and its token folder removed, at shutdown.
-        self._own_ray = ensure_ray(cfg, self.device)
+        self._own_ray = ensure_ray(cfg, self.device, placement)
         if on_ray_started is not None:
             on_ray_started()
         worker_config = training_worker_config(cfg, model_path, self.device)

@@ -19,14 +19,9 @@ import logging
 
 import torch
 
+from atropos_verl.logit_chunks import CHUNK_BYTES, rows_per_chunk
+
 logger = logging.getLogger(__name__)
-
-# Rows per chunk are chosen so one float32 chunk of logits stays near this size.
-CHUNK_BYTES = 1 << 30
-
-
-def _chunk_rows(vocab: int, chunk_bytes: int) -> int:
-    return max(1, chunk_bytes // (4 * vocab))
 
 
 class _TokenLogProbs(torch.autograd.Function):
@@ -74,7 +69,7 @@ def token_logprobs(
     shape = labels.shape
     flat_logits = logits.reshape(-1, logits.shape[-1])
     flat_labels = labels.reshape(-1)
-    chunk_rows = _chunk_rows(flat_logits.shape[-1], chunk_bytes)
+    chunk_rows = rows_per_chunk(flat_logits.shape[-1], chunk_bytes)
     return _TokenLogProbs.apply(flat_logits, flat_labels, chunk_rows, inplace_backward).view(shape)
 
 
