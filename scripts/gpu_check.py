@@ -1,15 +1,24 @@
 """Print the GPU stack's versions and whether torch sees a GPU: `make gpu-check`; exits 1 without one."""
 
+import importlib
 import importlib.metadata
 import sys
 
 import torch
 
-for distribution in ("torch", "vllm", "verl", "ray", "transformers", "atroposlib", "atropos-verl"):
-    # Imported too, not only looked up: a wheel that installed but cannot load shows here.
-    module = {"atropos-verl": "atropos_verl"}.get(distribution, distribution)
-    __import__(module)
-    print(f"{distribution:14} {importlib.metadata.version(distribution)}")
+for module_name, distribution in (
+    ("torch", "torch"),
+    ("vllm", "vllm"),
+    ("verl", "verl"),
+    ("ray", "ray"),
+    ("transformers", "transformers"),
+    ("atroposlib", "atroposlib"),
+    ("atropos_verl", "atropos-verl"),
+):
+    # Imported, not only looked up: a wheel that installed but cannot load fails here.
+    module = importlib.import_module(module_name)
+    version = getattr(module, "__version__", None) or importlib.metadata.version(distribution)
+    print(f"{module_name:14} {version}")
 print(f"{'CUDA (torch)':14} {torch.version.cuda}")
 available = torch.cuda.is_available()
 print(f"torch.cuda.is_available(): {available}")
