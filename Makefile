@@ -22,7 +22,8 @@ SGLANG_HASH := $(shell cat $(SGLANG_KIT) | sha256sum | cut -c1-16)
 SGLANG_VENV := $(CACHE_DIR)/sglang-cpu-$(SGLANG_HASH)
 export ATROPOS_VERL_SGLANG_PYTHON ?= $(SGLANG_VENV)/bin/python
 
-.PHONY: install models lint test test-unit test-slow test-sglang sglang-cpu faults demo clean-venv
+.PHONY: install models lint test test-unit test-slow test-sglang sglang-cpu faults demo clean-venv \
+        install-gpu wheelhouse-gpu gpu-check
 
 $(VENV)/.complete: $(LOCK) scripts/build_venv.sh
 	bash scripts/build_venv.sh "$(PYTHON)" "$(VENV)" "$(LOCK)"
@@ -73,3 +74,37 @@ demo: models
 
 clean-venv:
 	rm -rf "$(VENV)" .venv
+
+# The GPU stack (Linux x86_64, CPython 3.12, CUDA 13.0; requirements/gpu.lock, written by
+# scripts/gpu_lock.py) in a venv of its own, keyed the same way and linked as `.venv-gpu`;
+# `.venv` stays the CPU one. `make wheelhouse-gpu` downloads every locked file (272, 4.3 GB)
+# into $(WHEELHOUSE) on any machine with internet; `make install-gpu WHEELHOUSE=dir` then
+# installs from that folder alone (--no-index), for clusters without internet.
+GPU_PYTHON  ?= python3.12
+GPU_LOCK    := requirements/gpu.lock
+GPU_HASH    := $(shell sha256sum $(GPU_LOCK) | cut -c1-16)
+GPU_VENV    := $(CACHE_DIR)/venv-gpu-$(GPU_HASH)
+WHEELHOUSE  ?=
+GPU_SOURCE  := $(if $(WHEELHOUSE),--no-index --find-links $(WHEELHOUSE))
+# The target's wheel tags, so that the download is right from any machine: CPython 3.12,
+# manylinux x86_64 up to glibc 2.31 (llguidance 1.7.6's floor).
+GPU_TAGS    := --python-version 3.12 --implementation cp --abi cp312 \
+               $(foreach v,$(shell seq 31 -1 5),--platform manylinux_2_$(v)_x86_64) \
+               --platform manylinux2014_x86_64 --platform manylinux2010_x86_64 --platform manylinux1_x86_64
+
+$(GPU_VENV)/.complete: $(GPU_LOCK) scripts/build_gpu_venv.sh
+	bash scripts/build_gpu_venv.sh "$(GPU_PYTHON)" "$(GPU_VENV)" "$(GPU_LOCK)" "$(WHEELHOUSE)"
+
+# Editable like `make install`; offline, setuptools (the build backend) comes from the wheelhouse.
+install-gpu: $(GPU_VENV)/.complete
+	$(GPU_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps $(GPU_SOURCE) -e .
+	ln -sfn $(GPU_VENV) .venv-gpu
+
+wheelhouse-gpu:
+	$(PYTHON) -m pip download --disable-pip-version-check --no-deps --require-hashes $(GPU_TAGS) \
+		-d $(or $(WHEELHOUSE),wheelhouse-gpu) -r $(GPU_LOCK)
+	cp $(GPU_LOCK) $(or $(WHEELHOUSE),wheelhouse-gpu)/
+
+# Versions of the GPU stack and torch.cuda.is_available() (exit 1 without a GPU).
+gpu-check: install-gpu
+	$(GPU_VENV)/bin/python scripts/gpu_check.py
