@@ -5,6 +5,8 @@
   no listening ports;
 * a run stopped after step k and resumed continues exactly like an uninterrupted run;
 * a Hydra multirun sweeps advantage clipping, one directory per run.
+
+The last two are ``slow`` (``make test-slow``, also run by CI): they add ~2.5 min to ``make test``.
 """
 
 import json
@@ -86,6 +88,8 @@ def test_whole_system_restarts_a_killed_environment_and_stops_cleanly(tmp_path):
     assert (run_dir / "curves.png").stat().st_size > 0
 
 
+# Three whole runs (~1.5 min on 2 cores): in make test-slow; tests/unit/test_resume.py stays in make test.
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_resume_continues_like_an_uninterrupted_run(tmp_path):
     """Same data every step (identical groups): a run stopped after step 2 and resumed must
@@ -123,6 +127,7 @@ def test_resume_continues_like_an_uninterrupted_run(tmp_path):
     assert state["step"] == 4
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_multirun_sweeps_advantage_clipping(tmp_path):
     sweep_dir = tmp_path / "sweep"
