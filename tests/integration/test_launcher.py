@@ -68,6 +68,11 @@ def test_whole_system_restarts_a_killed_environment_and_stops_cleanly(tmp_path):
             time.sleep(0.5)
         log_text = log_path.read_text()
         assert trainer.returncode() == 0, log_text[-6000:]
+        # Nothing the run started outlives it: judged before our clean-up kills the trainer's process group.
+        deadline = time.monotonic() + 30
+        while processes_with_marker(marker) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        leftovers = {pid: cmdline(pid) for pid in processes_with_marker(marker)}
     finally:
         trainer.stop(timeout_s=60)
 
@@ -76,13 +81,8 @@ def test_whole_system_restarts_a_killed_environment_and_stops_cleanly(tmp_path):
     assert "restarted environment parity[0]" in log_text
     assert f"started the Atropos API behind http://127.0.0.1:{api_port}" in log_text
     assert [m["step"] for m in read_metrics(run_dir / "metrics.jsonl")] == [1, 2, 3, 4]
-
-    # Nothing the run started outlives it, and its ports are closed.
-    deadline = time.monotonic() + 30
-    while processes_with_marker(marker) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    leftovers = {pid: cmdline(pid) for pid in processes_with_marker(marker)}
     assert not leftovers, leftovers
+    # ... and its ports are closed.
     assert not listening(api_port)
     assert not listening(gateway_port)
     assert (run_dir / "curves.png").stat().st_size > 0
