@@ -43,7 +43,11 @@ def wait_exit(child: ChildProcess, timeout: float) -> int | None:
 
 
 def processes_with_marker(marker: str) -> list[int]:
-    """PIDs whose environment carries the marker: everything the run started, however deep."""
+    """PIDs whose environment carries the marker: what the run started, however deep.
+
+    Not a process that rewrote its environment block: vLLM retitles its engine core and workers
+    (setproctitle), which hides the marker; :func:`run_tree` also follows the process tree.
+    """
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
