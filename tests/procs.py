@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
 from atropos_verl.procs import ChildProcess
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +43,11 @@ def wait_exit(child: ChildProcess, timeout: float) -> int | None:
 
 
 def processes_with_marker(marker: str) -> list[int]:
-    """PIDs whose environment carries the marker: everything the run started, however deep."""
+    """PIDs whose environment carries the marker: what the run started, however deep.
+
+    Not a process that rewrote its environment block: vLLM retitles its engine core and workers
+    (setproctitle), which hides the marker; :func:`run_tree` also follows the process tree.
+    """
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -60,6 +66,58 @@ def cmdline(pid: int) -> str:
         return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+def run_tree(root_pid: int, marker: str) -> list[psutil.Process]:
+    """Everything of a run now: the root, its descendants, and any process carrying the marker (reparented too)."""
+    found = {}
+    try:
+        root = psutil.Process(root_pid)
+        found.update((p.pid, p) for p in [root, *root.children(recursive=True)])
+    except psutil.NoSuchProcess:
+        pass
+    for pid in processes_with_marker(marker):
+        try:
+            found.setdefault(pid, psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+    return list(found.values())
+
+
+def alive(processes: list[psutil.Process]) -> dict[int, str]:
+    """Those of ``processes`` still running (a zombie holds nothing and counts as gone), with their command lines."""
+    left = {}
+    for proc in processes:
+        try:
+            # is_running() also compares the start time, so a reused PID is not mistaken for ours.
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                left[proc.pid] = cmdline(proc.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return left
+
+
+def listening_ports(processes: list[psutil.Process]) -> dict[int, str]:
+    """TCP ports these processes listen on, any address (Ray's gRPC servers bind ``*``), with who holds each."""
+    ports = {}
+    for proc in processes:
+        try:
+            for conn in proc.net_connections(kind="tcp"):
+                if conn.status == psutil.CONN_LISTEN:
+                    ports[conn.laddr.port] = f"{conn.laddr.ip} pid {proc.pid} {cmdline(proc.pid)[:120]}"
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return ports
+
+
+def listeners_on(ports) -> dict[int, str]:
+    """Of ``ports``, those some process on this machine still listens on (any address), with the holder."""
+    wanted = set(ports)
+    return {
+        conn.laddr.port: f"{conn.laddr.ip} pid {conn.pid} {cmdline(conn.pid)[:120] if conn.pid else ''}"
+        for conn in psutil.net_connections(kind="tcp")
+        if conn.status == psutil.CONN_LISTEN and conn.laddr.port in wanted
+    }
 
 
 def listening(port: int) -> bool:

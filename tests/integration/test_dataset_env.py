@@ -151,6 +151,8 @@ async def collect_batches(
     )
 
 
+# ~1.7 min on 2 cores: in make test-slow (CI); the data=gsm8k run below keeps the dataset env in make test.
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_parquet_and_jsonl_envs_send_scored_groups_through_the_api(atropos_api, tiny_model, tmp_path):
     from transformers import AutoTokenizer

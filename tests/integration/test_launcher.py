@@ -5,6 +5,8 @@
   no listening ports;
 * a run stopped after step k and resumed continues exactly like an uninterrupted run;
 * a Hydra multirun sweeps advantage clipping, one directory per run.
+
+The last two are ``slow`` (``make test-slow``, also run by CI): they add ~2.5 min to ``make test``.
 """
 
 import json
@@ -66,6 +68,11 @@ def test_whole_system_restarts_a_killed_environment_and_stops_cleanly(tmp_path):
             time.sleep(0.5)
         log_text = log_path.read_text()
         assert trainer.returncode() == 0, log_text[-6000:]
+        # Nothing the run started outlives it: judged before our clean-up kills the trainer's process group.
+        deadline = time.monotonic() + 30
+        while processes_with_marker(marker) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        leftovers = {pid: cmdline(pid) for pid in processes_with_marker(marker)}
     finally:
         trainer.stop(timeout_s=60)
 
@@ -74,18 +81,15 @@ def test_whole_system_restarts_a_killed_environment_and_stops_cleanly(tmp_path):
     assert "restarted environment parity[0]" in log_text
     assert f"started the Atropos API behind http://127.0.0.1:{api_port}" in log_text
     assert [m["step"] for m in read_metrics(run_dir / "metrics.jsonl")] == [1, 2, 3, 4]
-
-    # Nothing the run started outlives it, and its ports are closed.
-    deadline = time.monotonic() + 30
-    while processes_with_marker(marker) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    leftovers = {pid: cmdline(pid) for pid in processes_with_marker(marker)}
     assert not leftovers, leftovers
+    # ... and its ports are closed.
     assert not listening(api_port)
     assert not listening(gateway_port)
     assert (run_dir / "curves.png").stat().st_size > 0
 
 
+# Three whole runs (~1.5 min on 2 cores): in make test-slow; tests/unit/test_resume.py stays in make test.
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_resume_continues_like_an_uninterrupted_run(tmp_path):
     """Same data every step (identical groups): a run stopped after step 2 and resumed must
@@ -123,6 +127,7 @@ def test_resume_continues_like_an_uninterrupted_run(tmp_path):
     assert state["step"] == 4
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_multirun_sweeps_advantage_clipping(tmp_path):
     sweep_dir = tmp_path / "sweep"

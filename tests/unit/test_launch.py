@@ -1,13 +1,16 @@
 """Environment command lines: the compat runner, injection order, run facts, overrides winning,
 secrets kept out of argv and logs, preflight, and which exits fail the run at once."""
 
+import asyncio
 import sys
+import time
 
 import pytest
 
 from atropos_verl.atropos.environments import (
     EnvironmentFailedError,
     EnvLaunch,
+    EnvSupervisor,
     env_command,
     env_environ,
     preflight,
@@ -135,3 +138,34 @@ CRASH = "Traceback (most recent call last):\n  ...\nConnectionError: gateway wen
 )
 def test_usage_errors_are_told_apart_from_crashes(code, uptime, log, expected):
     assert usage_error(code, uptime, log) is expected
+
+
+@pytest.mark.timeout(120)
+def test_an_environment_that_fails_to_import_fails_the_run_within_30s_with_its_message(tmp_path):
+    """A real env process (through the compat runner) whose import fails: the run's task is cancelled, not restarted."""
+    script = tmp_path / "broken_env.py"
+    script.write_text("import atroposlib\nimport an_env_dependency_not_installed\n")
+    supervisor = EnvSupervisor(
+        DataConfig(envs=[EnvSpec(name="broken", script=str(script))], max_restarts=3, restart_backoff=0.1),
+        tmp_path / "envs",
+        poll_interval_s=0.1,
+    )
+
+    async def run() -> float:
+        started = time.monotonic()
+        supervisor.start("http://127.0.0.1:9", "unused-model", None, None)
+        try:
+            # The supervisor cancels the task that started it, as it cancels a trainer's run.
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.sleep(60)
+            return time.monotonic() - started
+        finally:
+            await supervisor.stop()
+
+    elapsed = asyncio.run(run())
+    assert elapsed < 30, f"took {elapsed:.0f}s"
+    assert supervisor.failure.startswith(
+        "environment broken[0] could not start (exit status 1): "
+        "ModuleNotFoundError: No module named 'an_env_dependency_not_installed'"
+    ), supervisor.failure
+    assert len(supervisor.processes) == 1 and supervisor.processes[0].consecutive_restarts == 0
