@@ -72,6 +72,11 @@ _BACKEND_COOLDOWN_S = 5.0
 # Bounds only the TCP connect, so an unreachable host fails over quickly; generation
 # time is bounded by request_timeout_s.
 _CONNECT_TIMEOUT_S = 10.0
+# vLLM's and SGLang's HTTP servers (uvicorn) close a connection idle for 5 s. A request sent on a
+# pooled connection just as the server closes it fails to write ("Can not write request body"),
+# a 502 when there is one replica (bench/gateway_overhead.py hit it after a 5 s lull). Dropping
+# idle connections well before the server does leaves no such race.
+_BACKEND_KEEPALIVE_S = 3.0
 # Long multi-turn prompts and chat histories exceed aiohttp's 1 MiB default.
 _MAX_REQUEST_BYTES = 64 * 1024 * 1024
 # What stop() grants running handlers before cancelling them.
@@ -194,7 +199,8 @@ class Gateway:
         app.router.add_post("/generate", self._generate)
         self._session = aiohttp.ClientSession(
             headers=self._backend_headers,
-            connector=aiohttp.TCPConnector(limit=0),  # the default cap of 100 would throttle env fan-out
+            # The default cap of 100 connections would throttle env fan-out.
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=_BACKEND_KEEPALIVE_S),
             timeout=aiohttp.ClientTimeout(total=self._request_timeout_s, sock_connect=_CONNECT_TIMEOUT_S),
         )
         # access_log=None: one INFO line per rollout request would drown the trainer's log.
