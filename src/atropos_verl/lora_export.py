@@ -35,7 +35,7 @@ def checkpoint_adapter(checkpoint: Path) -> Path:
 
 
 def export(checkpoint: Path, out: Path, *, merged: bool, base: Optional[str] = None) -> Path:
-    """Write the checkpoint's adapter to ``out``: a merged model (weights, config, tokenizer) or a copy of the folder."""
+    """Write the checkpoint's adapter to ``out``: a merged model (weights, config, tokenizer) or a folder copy."""
     adapter = checkpoint_adapter(checkpoint)
     if not merged:
         shutil.copytree(adapter, out, dirs_exist_ok=True)
