@@ -221,10 +221,12 @@ async def run(args) -> None:
         load_s = statistics.median(loads)
         floor = f", {sync_s / device_s:.0f}x device copy" if device_s is not None else ""
         moved = reports[0].bytes
+        written = "pack" if name in ("cuda_ipc", "shared_memory") else "write"
+        whole = " of the whole model" if moved != num_bytes else ""
         if moved != num_bytes:
             print(f"[{name}] moves {moved / 2**20:.2f} MiB ({100 * moved / num_bytes:.2f}% of the model)")
         print(f"[{name}] sync (prepare + swap)  {sync_s * 1e3:9.1f} ms   {moved / sync_s / 2**30:7.2f} GiB/s")
-        print(f"[{name}]   prepare (gather + {'write' if name == 'folder' else 'pack'})  {prepare_s * 1e3:9.1f} ms")
+        print(f"[{name}]   prepare (gather + {written})  {prepare_s * 1e3:9.1f} ms")
         print(
             f"[{name}]   swap (pause, load, resume) {swap_s * 1e3:9.1f} ms, of which engine load {load_s * 1e3:.1f} ms,"
             f" the rest (pause, resume, labels) {(swap_s - load_s) * 1e3:.1f} ms"
@@ -241,7 +243,7 @@ async def run(args) -> None:
             )
             print(f"[{name}]   stage in the rank-0 worker (ms): {steps}")
         print(
-            f"[{name}]   ratios: {sync_s / copy_s:.1f}x memcpy{floor}"
+            f"[{name}]   ratios: {sync_s / copy_s:.1f}x memcpy{whole}{floor}"
             f"   (median of {len(reports)} syncs after a warm-up;"
             f" all: {', '.join(f'{r.seconds * 1e3:.0f}' for r in reports)} ms)"
         )
