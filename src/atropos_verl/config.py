@@ -72,6 +72,42 @@ def _f(default: Any, **checks: Any) -> Any:
 
 ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 
+# vLLM's --max-lora-rank takes only these; a replica starts with the smallest one >= model.lora.rank.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (PEFT LoRA) trained through verl's FSDP2 engine; ``rank: 0`` trains the full model.
+
+    verl's names: ``rank`` → ``lora_rank``, ``alpha`` → ``lora_alpha``, ``target_modules`` as is.
+    Only the adapter is synced to vLLM replicas (atropos_verl.serving.lora) and checkpointed;
+    ``python -m atropos_verl.lora_export`` turns a checkpoint's adapter into a model or a PEFT folder.
+    """
+
+    rank: int = _f(0, ge=0, le=VLLM_LORA_RANKS[-1], note="0 turns LoRA off")
+    alpha: int = _f(16, gt=0)
+    # Module names PEFT wraps (e.g. [q_proj, v_proj]), or [all-linear]: every linear layer but the output head.
+    target_modules: list[str] = _f(["all-linear"], nonempty=True)
+    dropout: float = _f(0.0, ge=0, note="and < 1")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def peft_target_modules(self) -> str | list[str]:
+        return "all-linear" if self.target_modules == ["all-linear"] else list(self.target_modules)
+
+    def validate(self) -> None:
+        check_fields(self, "model.lora")
+        _require(self.dropout < 1, "model.lora.dropout", f"must be < 1, got {self.dropout!r}")
+        _require(
+            "all-linear" not in self.target_modules or len(self.target_modules) == 1,
+            "model.lora.target_modules",
+            f"all-linear stands alone: use [all-linear] or a list of module names, got {self.target_modules!r}",
+        )
+
 
 @dataclass
 class ModelConfig:
@@ -88,6 +124,7 @@ class ModelConfig:
     # where packing turns causal attention into a block mask over the whole micro-batch
     # (measured on an H100 in bench/RESULTS.md).
     use_remove_padding: Optional[bool] = None
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     @property
     def remove_padding(self) -> bool:
@@ -97,6 +134,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         check_fields(self, "model")
+        self.lora.validate()
 
 
 @dataclass
@@ -713,6 +751,19 @@ class RunConfig:
             "keep trains groups over trainer.max_staleness with importance weights: set "
             "rollout_correction.rollout_is (or rollout_rs), or use drop",
         )
+        if self.model.lora.enabled:
+            _require(
+                self.engine.kind in ("vllm", "external"),
+                "engine.kind",
+                f"model.lora.rank > 0 syncs adapters to vLLM only: use engine=vllm or engine=external, or "
+                f"model.lora.rank=0 (got {self.engine.kind})",
+            )
+            _require(
+                self.engine.weight_transport in ("auto", "folder"),
+                "engine.weight_transport",
+                f"with model.lora.rank > 0 only the adapter is synced, as a folder: use auto or folder "
+                f"(got {self.engine.weight_transport})",
+            )
         data = self.data
         if data.max_prompt_length and data.max_response_length:
             # atroposlib drops a group holding a sequence of max_token_len tokens or more.

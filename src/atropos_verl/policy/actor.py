@@ -32,6 +32,7 @@ from atropos_verl.batch import pack_sequences
 from atropos_verl.config import RolloutCorrectionConfig, RunConfig
 from atropos_verl.loss import Rejection, RolloutCorrection, verl_policy_loss
 from atropos_verl.placement import Placement
+from atropos_verl.policy.lora import CHECKPOINT_ADAPTER
 from atropos_verl.policy.verl_config import training_worker_config
 from atropos_verl.policy.worker import PolicyWorker
 from atropos_verl.regularizers import COMPUTE_ENTROPY, RATIO_METRICS, Regularizers
@@ -288,6 +289,10 @@ class Actor:
         """Full policy weights as safetensors buckets in ``out_dir`` (see PolicyWorker.export_weights)."""
         return self.workers.export_weights(out_dir, bucket_bytes, dtype)[0]
 
+    def export_adapter(self, out_dir: str, dtype: str) -> dict[str, float]:
+        """The LoRA adapter as a PEFT folder in ``out_dir`` (see PolicyWorker.export_adapter)."""
+        return self.workers.export_adapter(out_dir, dtype)[0]
+
     def stage_weights_ipc(self, bucket_bytes: int, dtype: str) -> dict[str, Any]:
         """Full policy weights into rank 0's GPU buckets; their CUDA IPC updates (see PolicyWorker)."""
         return self.workers.stage_weights_ipc(bucket_bytes, dtype)[0]
@@ -327,6 +332,9 @@ class Actor:
 
     def save_checkpoint(self, path: str, step: int) -> None:
         self.workers.save_checkpoint(path, global_step=step, max_ckpt_to_keep=None)
+        if self.cfg.model.lora.enabled:
+            # verl's LoRA-only shards resume training; the PEFT folder is what export and other tools read.
+            self.export_adapter(os.path.join(path, CHECKPOINT_ADAPTER), "float32")
 
     def load_checkpoint(self, path: str) -> None:
         self.workers.load_checkpoint(path, del_local_after_load=False)

@@ -52,6 +52,7 @@ from verl.workers.engine.fsdp import transformer_impl
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 from verl.workers.engine.utils import detach_tree, postprocess_batch_func, prepare_micro_batches
 
+from atropos_verl.policy.lora import set_dropout
 from atropos_verl.policy.reference import with_reference_log_probs
 from atropos_verl.policy.rows import cuts_by_offsets, select_rows
 from atropos_verl.regularizers import logit_inputs, logit_outputs
@@ -223,6 +224,12 @@ class PolicyEngine(FSDPEngineWithLMHead):
 
     # A frozen reference model (atropos_verl.policy.reference), set by PolicyWorker.load_reference.
     reference = None
+
+    def _build_lora_module(self, module):
+        # verl passes PEFT no dropout; verl_config carries it in the model config's lora dict.
+        module = super()._build_lora_module(module)
+        set_dropout(module, float(self.model_config.lora.get("dropout", 0.0)))
+        return module
 
     def forward_backward_batch(self, data: TensorDict, loss_function, forward_only=False):
         if not cuts_micro_batches_by_rows(data):

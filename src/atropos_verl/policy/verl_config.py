@@ -21,6 +21,7 @@ def training_worker_config(cfg: RunConfig, model_path: str, device: str) -> Trai
     actor = cfg.actor
     precision = "bf16" if compute_dtype(actor, device) == "bfloat16" else "fp32"
     wrap_layers = cfg.trainer.world_size > 1 if actor.wrap_layers is None else actor.wrap_layers
+    lora = cfg.model.lora
     model = HFModelConfig(
         path=model_path,
         tokenizer_path=cfg.model.tokenizer_path,
@@ -29,6 +30,12 @@ def training_worker_config(cfg: RunConfig, model_path: str, device: str) -> Trai
         enable_gradient_checkpointing=cfg.model.enable_gradient_checkpointing,
         use_remove_padding=cfg.model.remove_padding or actor.ulysses_sequence_parallel_size > 1,
         use_fused_kernels=actor.use_fused_kernels,
+        # verl's PEFT path (rank 0: none). Its FSDP engine reads only "merge" from the ``lora`` dict;
+        # the dropout, which verl does not pass to PEFT, rides there to atropos_verl.policy.lora.
+        lora_rank=lora.rank,
+        lora_alpha=lora.alpha,
+        target_modules=lora.peft_target_modules,
+        lora={"dropout": lora.dropout} if lora.enabled else {},
     )
     engine = FSDPEngineConfig(
         strategy=actor.strategy,
@@ -65,5 +72,6 @@ def training_worker_config(cfg: RunConfig, model_path: str, device: str) -> Trai
         model_config=model,
         engine_config=engine,
         optimizer_config=optimizer,
-        checkpoint_config=CheckpointConfig(),
+        # A LoRA checkpoint holds the adapter (and its optimizer state), not another copy of the base model.
+        checkpoint_config=CheckpointConfig(save_lora_only=lora.enabled),
     )

@@ -202,6 +202,13 @@ class PolicyWorker(TrainingWorker):
         )
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def export_adapter(self, out_dir: str, dtype: str) -> dict[str, float]:
+        """Write the LoRA adapter into ``out_dir`` as a PEFT folder (atropos_verl.policy.lora); rank 0 writes."""
+        from atropos_verl.policy.lora import write_adapter
+
+        return write_adapter(self.engine.module, out_dir, writer=self.rank == 0, dtype=dtype)
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def stage_weights_ipc(self, bucket_bytes: int, dtype: str) -> dict:
         """Copy the full policy into this worker's reusable GPU buckets; rank 0's answer holds the IPC updates.
 

@@ -148,6 +148,8 @@ class Gateway:
         # Sent to every backend (the run's replica token); never forwarded from callers.
         self._backend_headers = dict(backend_headers or {})
         self._lineage = lineage
+        # With LoRA (atropos_verl.serving.lora) replicas serve the policy under the current adapter's name.
+        self._adapter_name: str | None = None
         self._backends: list[_Backend] = []
         self._rr = 0
         self._policy_version = 0
@@ -256,6 +258,13 @@ class Gateway:
             return False
         return True
 
+    def serve_adapter(self, name: str | None) -> None:
+        """Send requests for the policy to the replicas' LoRA adapter ``name`` (None: the base model).
+
+        Called while paused, before ``resume``: every request admitted afterwards goes to the new adapter.
+        """
+        self._adapter_name = name
+
     def resume(self, policy_version: int) -> None:
         """Serve again, stamping responses with `policy_version`; releases the requests held by pause()."""
         self._policy_version = policy_version
@@ -321,6 +330,9 @@ class Gateway:
         is a connection failure here and the request is re-run elsewhere.
         """
         assert self._session is not None
+        if self._adapter_name is not None and "model" in payload:
+            # Rewritten at dispatch, after admission: a request held by a sync goes to the adapter it waited for.
+            payload = {**payload, "model": self._adapter_name}
         failures: list[tuple[_Backend, BaseException]] = []
         while len(failures) < 2:
             backend = self._pick([b for b, _ in failures])

@@ -78,7 +78,11 @@ def build_replicas(
             access_token=access_token,
             env=placement.replica_env(index),
         )
-        if engine.kind == "vllm":
+        if engine.kind == "vllm" and model.lora.enabled:
+            from atropos_verl.serving.lora import LoraVLLMReplica
+
+            replicas.append(LoraVLLMReplica(spec, name=f"vllm-{index}", log_dir=log_dir, lora_rank=model.lora.rank))
+        elif engine.kind == "vllm":
             from atropos_verl.serving.replicas.vllm import VLLMReplica
 
             replicas.append(VLLMReplica(spec, name=f"vllm-{index}", log_dir=log_dir))
@@ -148,6 +152,7 @@ class InferenceService:
             engine, model, model_path, self.dtype, run_dir / "engines", replica_token, placement
         )
         self.model_name = served_model_name(model, model_path)
+        self.lora = model.lora.enabled
         api_key = os.environ.get(engine.api_key_env) if engine.api_key_env else None
         if engine.api_key_env and not api_key:
             raise EngineError(f"engine.api_key_env names {engine.api_key_env!r}, which is not set")
@@ -219,6 +224,16 @@ class InferenceService:
         """``engine.weight_transport``: auto is cuda_ipc when every replica is on the trainer's GPU,
         shared_memory for a CPU trainer with vLLM-CPU replicas, else folder."""
         bucket_bytes = self.engine.sync_bucket_mb << 20
+        if self.lora:
+            from atropos_verl.serving.lora import AdapterTransport
+
+            logger.info("weight transport: lora_adapter (model.lora.rank > 0: only the adapter is synced)")
+            return AdapterTransport(
+                policy,  # type: ignore[arg-type]
+                root=default_weights_root(),
+                dtype=self.dtype,
+                on_served=self.gateway.serve_adapter,
+            )
         device = getattr(policy, "device", "cpu")
         setting = self.engine.weight_transport
         trainer_gpu, replica_gpus = None, {}

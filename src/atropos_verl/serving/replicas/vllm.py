@@ -275,6 +275,11 @@ class VLLMReplica(ServerReplica):
         body = await self._server.request("GET", "/weight_info")
         return str(body["weight_version"])
 
+    @property
+    def request_model_name(self) -> str:
+        """The model name this replica's requests for the policy use (a LoRA replica: its adapter's)."""
+        return self._spec.served_model_name
+
     async def prompt_logprobs(self, token_ids: list[int]) -> list[float | None]:
         """Waits while the replica is paused, like any request."""
         # vLLM never reads the prefix cache for a request that asks for prompt log-probs.
@@ -282,7 +287,7 @@ class VLLMReplica(ServerReplica):
             "POST",
             "/v1/completions",
             body={
-                "model": self._spec.served_model_name,
+                "model": self.request_model_name,
                 "prompt": token_ids,
                 "max_tokens": 1,
                 "temperature": 0,

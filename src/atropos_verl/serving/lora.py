@@ -1,0 +1,175 @@
+"""Serving a LoRA policy: vLLM replicas hold the base model once and take each new adapter hot.
+
+With ``model.lora.rank > 0`` a sync moves only the adapter (a few MB instead of the model):
+
+* :class:`LoraVLLMReplica` starts vLLM with ``--enable-lora`` and runtime adapter loading
+  (``VLLM_ALLOW_RUNTIME_LORA_UPDATING``, which adds ``/v1/load_lora_adapter`` and
+  ``/v1/unload_lora_adapter``); its base weights are never reloaded;
+* :class:`AdapterTransport` writes the trainer's adapter as a PEFT folder on tmpfs and has
+  every replica load it under a new name per policy version (:func:`adapter_name`);
+* the gateway sends requests for the policy (envs name the base model) to the current
+  adapter's name, switched while the replicas are paused, so the version it stamps on a
+  response is the adapter that produced it.
+
+A new name per version rather than an in-place reload: vLLM keys its prefix cache and its
+loaded adapters by name, so no KV or weights of an older adapter can be mistaken for the new
+one; a request still running on the previous adapter finishes on it. The proof after each sync
+(atropos_verl.serving.sync) compares the trainer's log-probs, base + adapter as PEFT computes
+them, with the replica's under the new adapter's name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Optional, Protocol, Sequence
+
+from atropos_verl.config import VLLM_LORA_RANKS
+from atropos_verl.serving.errors import EngineError
+from atropos_verl.serving.replicas.vllm import VLLMReplica
+from atropos_verl.serving.transports.base import PolicyWeights, TransferStats, WeightTransport
+
+logger = logging.getLogger(__name__)
+
+# Adapters a replica keeps loaded: the current one, and the previous one for requests still running on it.
+LOADED_ADAPTERS = 2
+
+
+def adapter_name(version: int) -> str:
+    return f"policy-lora-v{version}"
+
+
+def vllm_max_lora_rank(rank: int) -> int:
+    """The smallest value vLLM's ``--max-lora-rank`` accepts that holds ``rank``."""
+    return next(allowed for allowed in VLLM_LORA_RANKS if allowed >= rank)
+
+
+class AdapterReceiver(Protocol):
+    name: str
+    policy_version: int
+
+    async def load_adapter(self, folder: str, version: int) -> None: ...
+
+
+class AdapterPolicy(PolicyWeights, Protocol):
+    def export_adapter(self, out_dir: str, dtype: str) -> dict[str, float]: ...
+
+
+class LoraVLLMReplica(VLLMReplica):
+    """A vLLM server serving the base model plus the trainer's latest LoRA adapter."""
+
+    def __init__(self, *args, lora_rank: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.lora_rank = lora_rank
+        # Names loaded in this server process, oldest first; the last is the one served.
+        self._adapters: list[str] = []
+
+    @property
+    def adapter(self) -> Optional[str]:
+        return self._adapters[-1] if self._adapters else None
+
+    @property
+    def request_model_name(self) -> str:
+        return self.adapter or self._spec.served_model_name
+
+    def command(self, port: int) -> list[str]:
+        cmd = super().command(port)
+        lora = [
+            "--enable-lora",
+            "--max-lora-rank", str(vllm_max_lora_rank(self.lora_rank)),
+            "--max-loras", str(LOADED_ADAPTERS),
+            "--max-cpu-loras", str(LOADED_ADAPTERS),
+        ]  # fmt: skip
+        # Before spec.extra_args, which must stay last so their flags win.
+        at = len(cmd) - len(self._spec.extra_args)
+        return cmd[:at] + lora + cmd[at:]
+
+    def environment(self) -> dict[str, str]:
+        env = super().environment()
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
+        return env
+
+    async def _after_start(self) -> None:
+        # A (re)started server holds no adapter: it serves the base weights until the transport restores one.
+        self._adapters = []
+        self.policy_version = 0
+        await super()._after_start()
+
+    async def load_weights(self, weights_dir: str, version: int) -> None:
+        raise EngineError(f"{self}: serves a LoRA policy; it takes adapters (load_adapter), not full weights")
+
+    async def load_adapter(self, folder: str, version: int) -> None:
+        """Load the PEFT folder as policy ``version``'s adapter and serve it; drop any older than the previous."""
+        name = adapter_name(version)
+        started = time.perf_counter()
+        if name not in self._adapters:
+            await self._server.request(
+                "POST", "/v1/load_lora_adapter", body={"lora_name": name, "lora_path": str(Path(folder).resolve())}
+            )
+        else:
+            self._adapters.remove(name)
+        self._adapters.append(name)
+        while len(self._adapters) > LOADED_ADAPTERS:
+            await self._server.request("POST", "/v1/unload_lora_adapter", body={"lora_name": self._adapters.pop(0)})
+        self.last_load_seconds = time.perf_counter() - started
+        await self._set_weight_version(version)
+        self.policy_version = version
+        logger.info(
+            "%s: serving adapter %s (policy version %d), loaded in %.3fs", self, name, version, self.last_load_seconds
+        )
+
+
+class AdapterTransport(WeightTransport):
+    """The trainer's LoRA adapter as a PEFT folder ``<root>/v<version>``, loaded by every replica by name.
+
+    ``on_served(name)`` runs once every replica holds the new adapter, while they are still
+    paused: the gateway switches to it there. The previous version's folder is kept (a
+    replica may reload an adapter it evicted for a request still running on it).
+    """
+
+    name = "lora_adapter"
+
+    def __init__(
+        self, policy: AdapterPolicy, *, root: Path, dtype: str, on_served: Callable[[Optional[str]], None]
+    ) -> None:
+        self.policy = policy
+        self.root = root
+        self.dtype = dtype
+        self.on_served = on_served
+        self.current: Optional[tuple[int, Path]] = None
+        self._staged: Optional[tuple[int, Path]] = None
+        self._previous: Optional[Path] = None
+
+    async def prepare(self, version: int) -> TransferStats:
+        start = time.perf_counter()
+        staging, target = self.root / f".v{version}.tmp", self.root / f"v{version}"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=True)
+        exported = await asyncio.to_thread(self.policy.export_adapter, str(staging), self.dtype)
+        staging.rename(target)
+        self._staged = (version, target)
+        return TransferStats(bytes=exported["bytes"], prepare_seconds=time.perf_counter() - start)
+
+    async def push(self, version: int, replicas: Sequence[AdapterReceiver]) -> None:  # type: ignore[override]
+        if self._staged is None or self._staged[0] != version:
+            raise EngineError(f"adapter transport: policy version {version} was not prepared")
+        folder = self._staged[1]
+        await asyncio.gather(*(replica.load_adapter(str(folder), version) for replica in replicas))
+        self.on_served(adapter_name(version))
+        if self.current is not None and self.current[1] != folder:
+            if self._previous is not None:
+                shutil.rmtree(self._previous, ignore_errors=True)
+            self._previous = self.current[1]
+        self.current, self._staged = (version, folder), None
+
+    async def restore(self, replica: AdapterReceiver) -> None:  # type: ignore[override]
+        if self.current is not None:
+            version, folder = self.current
+            await replica.load_adapter(str(folder), version)
+
+    def close(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
