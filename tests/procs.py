@@ -98,7 +98,7 @@ def alive(processes: list[psutil.Process]) -> dict[int, str]:
 
 
 def listening_ports(processes: list[psutil.Process]) -> dict[int, str]:
-    """TCP ports these processes listen on, any address (Ray's gRPC servers bind ``*``), with who holds each."""
+    """TCP ports these processes listen on, any address, with the address and who holds each."""
     ports = {}
     for proc in processes:
         try:

@@ -38,6 +38,7 @@ from atropos_verl.netutil import free_port
 
 pytestmark = pytest.mark.integration
 
+LOOPBACK = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
 EXIT_WITHIN_S = 60
 LEFTOVERS_WITHIN_S = 15
 PHASE_WITHIN_S = 150
@@ -135,12 +136,15 @@ def test_signal_stops_everything(tmp_path, phase, sig):
             _wait_for(lambda: "Hint: every answer of a group gets the same score" in log(), 60, "hint", trainer)
         assert trainer.running
         # What the run holds the moment the signal goes: every process (Ray's included) and every port
-        # any of them listens on, Ray's `*`-bound gRPC ports among them.
+        # any of them listens on, on any address.
         tree = run_tree(trainer.pid, marker)
         ports = listening_ports(tree)
         assert api_port in ports, ports
+        # None beyond loopback (`ss -ltnp` during a run), Ray's servers included.
+        outside = {port: holder for port, holder in ports.items() if holder.split()[0] not in LOOPBACK}
+        assert not outside, outside
         if phase != "startup":
-            # Ray is up: its GCS's gRPC port (bound `*` by Ray 2.60) is among those checked afterwards.
+            # Ray is up: its GCS's gRPC port is among those checked afterwards.
             assert any("gcs_server" in holder for holder in ports.values()), ports
         if sig == signal.SIGINT:
             os.killpg(trainer.pid, sig)

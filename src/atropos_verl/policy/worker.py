@@ -61,6 +61,47 @@ ROWS_BY_DATA_PARALLEL_RANK = {
 }
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def _loopback_rendezvous():
+    """On a loopback-only node, host the ranks' rendezvous store on 127.0.0.1 (it listens on every interface otherwise).
+
+    torch's env:// rendezvous starts its TCPStore server on rank 0 bound to all
+    interfaces whatever ``MASTER_ADDR`` says. When the address is loopback (the local Ray
+    instance the trainer starts, ``policy.actor``), rank 0 serves the store from a socket
+    bound to 127.0.0.1 and every rank, rank 0 included, joins it as a client (torch's
+    agent-store mode); gloo and NCCL keep their own connections on the loopback
+    interface. Returns what must stay alive (rank 0's store and socket), or None.
+    """
+    import socket
+    from datetime import timedelta
+
+    if os.environ.get("MASTER_ADDR") not in LOOPBACK_HOSTS:
+        return None
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "True"
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", int(os.environ["MASTER_PORT"])))
+    listener.listen(128)
+    store = torch.distributed.TCPStore(
+        "127.0.0.1",
+        int(os.environ["MASTER_PORT"]),
+        int(os.environ["WORLD_SIZE"]),
+        is_master=True,
+        timeout=timedelta(minutes=10),
+        wait_for_workers=False,
+        multi_tenant=True,
+        master_listen_fd=listener.fileno(),
+        use_libuv=False,
+    )
+    return listener, store
+
+
 class PolicyWorker(TrainingWorker):
     """verl's TrainingWorker on our engine (atropos_verl.policy.fsdp_engine), prepared to also run on the CPU platform.
 
@@ -72,6 +113,7 @@ class PolicyWorker(TrainingWorker):
     """
 
     def __init__(self, config: TrainingWorkerConfig, device: str):
+        self._rendezvous = _loopback_rendezvous()
         if device == "cpu":
             import torch.distributed as dist
 
