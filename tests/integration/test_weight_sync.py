@@ -19,6 +19,7 @@ from atropos_verl.advantages import token_advantages
 from atropos_verl.batch import build_batch
 from atropos_verl.config import AdvantageConfig, RunConfig
 from atropos_verl.groups import GroupLimits, parse_group
+from atropos_verl.placement import CPU_PLACEMENT
 from atropos_verl.policy.actor import Actor
 from atropos_verl.serving.gateway import POLICY_VERSION_HEADER, Gateway
 from atropos_verl.serving.replicas import ReplicaSpec, SGLangReplica, VLLMReplica
@@ -93,7 +94,7 @@ def test_sync_changes_the_engine_and_is_proven(engine, tiny_model, tmp_path, req
         replica = make_replica(engine, tiny_model, tmp_path, request)
         gateway = Gateway([], model_name="policy", max_wait_s=120, backend_engine=engine)
         await gateway.start()
-        actor_start = asyncio.to_thread(Actor, cfg, tiny_model)
+        actor_start = asyncio.to_thread(Actor, cfg, tiny_model, CPU_PLACEMENT)
         actor, _ = await asyncio.gather(actor_start, replica.start(600))
         gateway.set_backends([replica.base_url])
         transport = FolderTransport(actor, root=default_weights_root(), dtype="float32", bucket_bytes=4 << 20)
@@ -174,7 +175,7 @@ def test_shared_memory_sync_is_proven_and_cleans_up(tiny_model, tmp_path):
             name="vllm-shm",
             log_dir=tmp_path,
         )  # fmt: skip
-        actor, _ = await asyncio.gather(asyncio.to_thread(Actor, cfg, tiny_model), replica.start(600))
+        actor, _ = await asyncio.gather(asyncio.to_thread(Actor, cfg, tiny_model, CPU_PLACEMENT), replica.start(600))
         transport = SharedMemoryTransport(actor, dtype="float32")
         sync = WeightSync(actor, [replica], None, transport, check_threshold=1e-3)
         try:
