@@ -104,12 +104,14 @@ def ours_steps(metrics: Path, sequences: int) -> list[dict]:
         record = json.loads(line)
         if "timing/step_s" not in record:
             continue
-        step_s = record["timing/step_s"]
+        # timing/step_s starts when the batch is in hand; the wait for it belongs to the step too,
+        # as verl's timing_s/step includes its generation.
+        wait_s = record.get("timing/wait_s", 0.0)
         rows.append(
             {
                 "step": record["step"],
-                "step_s": step_s,
-                "wait_s": record.get("timing/wait_s", 0.0),
+                "step_s": wait_s + record["timing/step_s"],
+                "wait_s": wait_s,
                 "update_s": record.get("timing/train_s", 0.0),
                 "sync_s": record.get("timing/sync_s", 0.0),
                 "generated_tokens": record.get("batch/trained_tokens", 0),
