@@ -101,6 +101,8 @@ class RemoteChild(ChildProcess):
         return int(self._call("free_port", host))
 
     def port_is_free(self, host: str, port: int) -> bool:
+        # With no host actor nothing of ours holds the port: stop() ends the actor only after
+        # the process's whole group is gone.
         return self._host is None or bool(self._call("port_is_free", host, port))
 
     def __repr__(self) -> str:
