@@ -469,14 +469,24 @@ class EngineConfig:
     # SGLang's --attention-backend; null: triton on CUDA (SGLang's own pick on Hopper, FA3, is left out
     # of pruned builds), torch_native on CPU.
     attention_backend: Optional[str] = None
+    # Ray resources each replica's host actor asks for ({node2: 1}: a node started with
+    # ray start --resources='{"node2": 1}'), so it runs on such a node of the cluster
+    # trainer.ray_address joins; empty: replicas are local processes of the trainer.
+    ray_resources: dict[str, float] = field(default_factory=dict)
 
     def validate(self) -> None:
         check_fields(self, "engine")
+        _check_ray_resources(self.ray_resources, "engine.ray_resources")
         _require(
             self.in_flight == "drain" or self.kind == "vllm",
             "engine.in_flight",
             f"keep needs engine.kind=vllm (SGLang's pause aborts the requests it holds), got {self.kind}",
         )
+
+
+def _check_ray_resources(resources: dict[str, float], key: str) -> None:
+    for name, amount in resources.items():
+        _require(amount > 0, f"{key}.{name}", f"must be > 0, got {amount!r}")
 
 
 ENV_SERVER_TYPES = ("vllm", "sglang", "openai")
@@ -504,6 +514,8 @@ class EnvSpec:
     replicas: int = _f(1, ge=1)
     # What the environment's inference client speaks (its APIServerConfig.server_type).
     server_type: str = _f("vllm", choices=ENV_SERVER_TYPES)
+    # Ray resources its host actor asks for, as engine.ray_resources; empty: a local process.
+    ray_resources: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Command-line words: a list's numbers (YAML, or ${data.*} resolved) are their text.
@@ -512,6 +524,7 @@ class EnvSpec:
 
     def validate(self, key: str) -> None:
         check_fields(self, key)
+        _check_ray_resources(self.ray_resources, f"{key}.ray_resources")
         _require(
             (self.module is None) != (self.script is None),
             key,
@@ -777,6 +790,14 @@ class RunConfig:
             data.group_size is None or self.trainer.batch_size % data.group_size == 0,
             "data.group_size",
             f"trainer.batch_size ({self.trainer.batch_size}) must be a multiple of data.group_size ({data.group_size})",
+        )
+        placed = ["engine.ray_resources"] if self.engine.ray_resources else []
+        placed += [f"data.envs[{i}].ray_resources" for i, env in enumerate(data.envs) if env.ray_resources]
+        _require(
+            not placed or bool(self.trainer.ray_address),
+            placed[0] if placed else "",
+            "places processes on the nodes of a Ray cluster: set trainer.ray_address to the cluster's address "
+            "(ray start --head prints it)",
         )
 
 

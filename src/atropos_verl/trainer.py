@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import ray
+
 from atropos_verl.advantages import token_advantages
 from atropos_verl.assets import resolve_model_path
 from atropos_verl.atropos.batches import BatchSource
@@ -45,7 +47,8 @@ from atropos_verl.groups import GroupLimits, ScoredGroup, validate_batch
 from atropos_verl.metrics import MetricsLogger, env_group_counts, reward_metrics
 from atropos_verl.modelinfo import model_info
 from atropos_verl.placement import Placement, node_placement
-from atropos_verl.policy.actor import Actor, resolve_device
+from atropos_verl.policy.actor import Actor, ensure_ray, resolve_device
+from atropos_verl.ray_nodes import check_cluster_resources, placed_processes
 from atropos_verl.report import ProgressBar, finish
 from atropos_verl.serving.service import InferenceService, NoServing, serving_for
 from atropos_verl.spool import GroupSpool
@@ -73,6 +76,12 @@ class Trainer:
         check_device(cfg, device)
         # Before anything starts: more GPUs asked for than visible fails here, not inside verl.
         placement = node_placement(cfg.trainer, cfg.engine, device)
+        if placed_processes(cfg):
+            # Replicas and environments placed on the cluster's nodes start before the policy's
+            # workers do: join it now, and fail here when no node has what one asks for.
+            ensure_ray(cfg, device, placement)
+            self.signals.reinstall()
+            check_cluster_resources(cfg, ray.nodes())
         started_at = time.monotonic()
         _warn_uncorrected_external(cfg)
         model_path = resolve_model_path(cfg.model.path)

@@ -34,6 +34,7 @@ from atropos_verl.atropos.run_env import API_KEY_ENV
 from atropos_verl.config import AtroposConfig, DataConfig, EnvSpec, TrainerConfig
 from atropos_verl.netutil import free_port, log_tail
 from atropos_verl.procs import ChildProcess
+from atropos_verl.ray_nodes import RemoteChild
 
 logger = logging.getLogger(__name__)
 
@@ -285,11 +286,15 @@ class EnvSupervisor:
                     temperature=self.cfg.temperature,
                 )
                 label = f"environment {spec.name}[{index}]"
-                process = _EnvProcess(
-                    spec, index, command, ChildProcess(label, self.log_dir / f"{spec.name}-{index}.log"), environ
+                log_path = self.log_dir / f"{spec.name}-{index}.log"
+                child = (
+                    RemoteChild(label, log_path, spec.ray_resources)
+                    if spec.ray_resources
+                    else ChildProcess(label, log_path)
                 )
+                process = _EnvProcess(spec, index, command, child, environ)
                 process.start()
-                logger.info("started %s (pid %d, log %s)", label, process.child.pid, process.child.log_path)
+                logger.info("started %r (log %s)", process.child, process.child.log_path)
                 self.processes.append(process)
         if self.processes:
             self._task = asyncio.create_task(self._watch())

@@ -111,6 +111,10 @@ def ensure_ray(cfg: RunConfig, device: str, placement: Placement) -> Optional[Lo
         # platform; naming the plugin as well keeps that independent of import order.
         env_vars = {"VERL_PLATFORM": "cpu", "VERL_USE_EXTERNAL_MODULES": "atropos_verl.policy.platform_cpu"}
     if cfg.trainer.ray_address:
+        if _loopback_address(cfg.trainer.ray_address):
+            # A cluster whose nodes all run on this machine's loopback (see _loopback_only_ray):
+            # otherwise Ray would look for its GCS at the host's outward address.
+            _loopback_only_ray()
         ray.init(address=cfg.trainer.ray_address, runtime_env={"env_vars": env_vars})
         return None
     token_folder = None if "RAY_AUTH_MODE" in os.environ else _require_ray_token()
@@ -129,6 +133,11 @@ def ensure_ray(cfg: RunConfig, device: str, placement: Placement) -> Optional[Lo
         else:
             os.environ["CUDA_VISIBLE_DEVICES"] = visible
     return LocalRay(token_folder)
+
+
+def _loopback_address(address: str) -> bool:
+    host = address.removeprefix("ray://").rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1")
 
 
 def _loopback_only_ray() -> None:

@@ -77,6 +77,7 @@ def build_replicas(
             extra_args=list(engine.extra_args),
             access_token=access_token,
             env=placement.replica_env(index),
+            ray_resources=dict(engine.ray_resources),
         )
         if engine.kind == "vllm" and model.lora.enabled:
             from atropos_verl.serving.lora import LoraVLLMReplica

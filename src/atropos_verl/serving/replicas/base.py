@@ -37,6 +37,8 @@ class ReplicaSpec:
     """Applied over the inherited environment and the adapter's defaults."""
     access_token: str | None = None
     """The run's replica token (see ``replicas.access``): every request but /health must carry it."""
+    ray_resources: dict[str, float] = field(default_factory=dict)
+    """Start it on a Ray node with these resources (``host`` is then that node's IP); empty: locally."""
 
 
 class InferenceReplica(abc.ABC):

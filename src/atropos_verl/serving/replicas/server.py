@@ -19,6 +19,7 @@ import aiohttp
 
 from atropos_verl.netutil import free_port, http_url, port_is_free
 from atropos_verl.procs import ChildFailed, ChildProcess, http_ok
+from atropos_verl.ray_nodes import RemoteChild
 from atropos_verl.serving.replicas.access import TOKEN_ENV, TOKEN_HEADER
 from atropos_verl.serving.replicas.base import EngineError, InferenceReplica, ReplicaSpec
 
@@ -43,7 +44,9 @@ class ServerProcess:
         control_timeout_s: float,
         health_path: str = "/health",
         headers: dict[str, str] | None = None,
+        ray_resources: dict[str, float] | None = None,
     ) -> None:
+        """``ray_resources``: start the server on a Ray node that has them (see atropos_verl.ray_nodes)."""
         self.label = label
         self.host = host
         self._requested_port = port
@@ -56,6 +59,11 @@ class ServerProcess:
         self._headers = dict(headers or {})
         self._child: ChildProcess | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._remote: RemoteChild | None = None
+        if ray_resources:
+            if self._log_dir is None:
+                raise EngineError(f"{label}: a server placed on a Ray node needs a log folder")
+            self._remote = RemoteChild(label, self._log_dir / f"{log_name}.log", ray_resources, _LOG_TAIL_LINES)
 
     def __repr__(self) -> str:
         where = self.base_url if self.port is not None else "no port yet"
@@ -80,13 +88,24 @@ class ServerProcess:
     def pick_port(self) -> int:
         if self._child is not None and self._child.running:
             raise EngineError(f"{self}: already started (pid {self._child.pid})")
+        if self._remote is not None:
+            # Its node's address, as Ray reports it: where the gateway reaches it.
+            try:
+                self.host = self._remote.place()
+            except ChildFailed as exc:
+                raise EngineError(str(exc)) from None
         if self._requested_port is None:
-            self.port = free_port(self.host)
-        elif not port_is_free(self.host, self._requested_port):
+            self.port = self._remote.free_port(self.host) if self._remote is not None else free_port(self.host)
+        elif not self._port_is_free(self._requested_port):
             # Otherwise whatever listens there could answer the health probe.
             raise EngineError(f"{self}: port {self._requested_port} on {self.host} is already in use")
         assert self.port is not None
         return self.port
+
+    def _port_is_free(self, port: int) -> bool:
+        if self._remote is not None:
+            return self._remote.port_is_free(self.host, port)
+        return port_is_free(self.host, port)
 
     def _log_file(self) -> Path:
         if self._log_dir is not None:
@@ -97,7 +116,7 @@ class ServerProcess:
 
     async def launch(self, cmd: list[str], env: dict[str, str], timeout_s: float, what: str) -> None:
         """Start ``cmd`` (after :meth:`pick_port`) and wait until the health route answers 200."""
-        self._child = ChildProcess(str(self), self._log_file(), tail_lines=_LOG_TAIL_LINES)
+        self._child = self._remote or ChildProcess(str(self), self._log_file(), tail_lines=_LOG_TAIL_LINES)
         try:
             self._child.start(cmd, env)
         except ChildFailed as exc:
@@ -142,6 +161,7 @@ class ServerProcess:
         if child is None or (self._session is None and not child.running):
             # Never started, or already stopped and released.
             return
+        pid = child.pid
         try:
             await asyncio.to_thread(child.stop, timeout_s)
         except ChildFailed as exc:
@@ -150,13 +170,13 @@ class ServerProcess:
         port = self.port
         assert port is not None
         deadline = time.monotonic() + timeout_s
-        while not port_is_free(self.host, port):
+        while not self._port_is_free(port):
             if time.monotonic() >= deadline:
                 raise EngineError(f"{self}: port {port} still in use {timeout_s:g}s after the server exited")
             await asyncio.sleep(_EXIT_POLL_S)
         if self._requested_port is None:
             self.port = None
-        logger.info("%s: stopped (pid %s)", self, child.pid)
+        logger.info("%s: stopped (pid %s)", self, pid)
 
     async def _release(self) -> None:
         if self._session is not None:
@@ -225,6 +245,7 @@ class ServerReplica(InferenceReplica):
             name,
             control_timeout_s,
             headers={TOKEN_HEADER: spec.access_token} if spec.access_token else None,
+            ray_resources=spec.ray_resources,
         )
 
     def __repr__(self) -> str:
@@ -243,6 +264,11 @@ class ServerReplica(InferenceReplica):
     @property
     def log_path(self) -> Path | None:
         return self._server.log_path
+
+    @property
+    def host(self) -> str:
+        """The address the server listens on: ``spec.host``, or its Ray node's."""
+        return self._server.host
 
     def command(self, port: int) -> list[str]:
         raise NotImplementedError

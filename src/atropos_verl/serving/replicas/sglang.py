@@ -112,7 +112,7 @@ class SGLangReplica(ServerReplica):
             self.python, str(LAUNCHER),
             "--model-path", spec.model_path,
             "--served-model-name", spec.served_model_name,
-            "--host", spec.host,
+            "--host", self.host,
             "--port", str(port),
             "--dtype", spec.dtype,
             "--context-length", str(spec.max_model_len),

@@ -89,7 +89,7 @@ class VLLMReplica(ServerReplica):
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", spec.model_path,
             "--served-model-name", spec.served_model_name,
-            "--host", spec.host,
+            "--host", self.host,
             "--port", str(port),
             "--dtype", spec.dtype,
             "--max-model-len", str(spec.max_model_len),
