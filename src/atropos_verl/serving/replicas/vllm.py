@@ -197,8 +197,10 @@ class VLLMReplica(ServerReplica):
     async def load_weights_shm(self, layout: dict[str, Any], version: int) -> None:
         """Load weights from the trainer's shared-memory file (``transports.shared_memory``'s layout).
 
-        One worker call: vLLM's in-place reload in checkpoint format over zero-copy views
-        into the file, then the tied-embedding fix of ``ReloadWorkerExtension``.
+        One worker call: on CPU the tensors go straight into the live model and only the
+        kernels' packed copies are rebuilt (``vllm_cpu_load``); otherwise vLLM's in-place
+        reload over zero-copy views into the file, then the tied-embedding fix of
+        ``ReloadWorkerExtension``.
         """
         started = time.perf_counter()
         try:
@@ -225,8 +227,9 @@ class VLLMReplica(ServerReplica):
         parts["reset"] = time.perf_counter() - loaded
         self.last_load_parts = parts
         logger.info(
-            "%s: loaded policy version %d from shared memory in %.3fs", self, version, time.perf_counter() - started
-        )
+            "%s: loaded policy version %d from shared memory (%s) in %.3fs",
+            self, version, "direct" if parts.get("direct") else "layerwise reload", time.perf_counter() - started,
+        )  # fmt: skip
 
     async def weight_transfer_world_size(self) -> int:
         """Ranks this server takes in a weight-transfer group (TP x PP x DP)."""
