@@ -194,20 +194,23 @@ class VLLMReplica(ServerReplica):
             time.perf_counter() - started,
         )  # fmt: skip
 
-    async def load_weights_shm(self, layout: dict[str, Any], version: int) -> None:
+    async def load_weights_shm(self, layout: dict[str, Any], version: int, layerwise: bool = False) -> None:
         """Load weights from the trainer's shared-memory file (``transports.shared_memory``'s layout).
 
         One worker call: on CPU the tensors go straight into the live model and only the
         kernels' packed copies are rebuilt (``vllm_cpu_load``); otherwise vLLM's in-place
         reload over zero-copy views into the file, then the tied-embedding fix of
-        ``ReloadWorkerExtension``.
+        ``ReloadWorkerExtension``. ``layerwise`` forces that reload (benchmarks compare the two).
         """
         started = time.perf_counter()
         try:
             body = await self._server.request(
                 "POST",
                 "/collective_rpc",
-                body={"method": "atropos_verl_load_shared_memory", "kwargs": {"layout": json.dumps(layout)}},
+                body={
+                    "method": "atropos_verl_load_shared_memory",
+                    "kwargs": {"layout": json.dumps(layout), "layerwise": layerwise},
+                },
             )
         except EngineError as exc:
             raise EngineError(

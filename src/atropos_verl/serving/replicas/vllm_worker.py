@@ -26,12 +26,12 @@ class ReloadWorkerExtension:
         self.reload_weights(weights_path=weights_path)
         _retie_embeddings(self)
 
-    def atropos_verl_load_shared_memory(self: Any, layout: str) -> dict[str, float]:
+    def atropos_verl_load_shared_memory(self: Any, layout: str, layerwise: bool = False) -> dict[str, float]:
         """Load every weight from the trainer's shared-memory file (``transports.shared_memory``'s layout, JSON).
 
         On the CPU platform the file's tensors go straight into the live model and only
         the kernels' packed copies are rebuilt (``vllm_cpu_load``); a model that plan does
-        not cover takes vLLM's layerwise reload over zero-copy views into the file. The
+        not cover, or ``layerwise``, takes vLLM's layerwise reload over zero-copy views into the file. The
         mapping is kept for the next version (the trainer rewrites the same file in
         place), so later loads fault in no pages; a new file or size is mapped afresh.
         Returns the seconds of each part and ``direct`` (1.0: the direct load ran).
@@ -70,7 +70,7 @@ class ReloadWorkerExtension:
             self._atropos_verl_plan = plan_cache = (key, plan)
         plan = plan_cache[1]
         planned = time.perf_counter()
-        if not isinstance(plan, str):
+        if not isinstance(plan, str) and not layerwise:
             parts = vllm_cpu_load.load(plan, cached[1])
             return {"map": mapped - started, "plan": planned - mapped, **parts, "direct": 1.0}
         self.reload_weights(weights_iterator=read_views(parsed, cached[1]))

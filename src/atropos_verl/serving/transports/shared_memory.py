@@ -225,7 +225,7 @@ class SharedMemoryPolicyWeights(Protocol):
 
 
 class SharedMemoryReceiver(WeightReceiver, Protocol):
-    async def load_weights_shm(self, layout: dict[str, Any], version: int) -> None: ...
+    async def load_weights_shm(self, layout: dict[str, Any], version: int, layerwise: bool = False) -> None: ...
 
 
 class SharedMemoryTransport(WeightTransport):
@@ -238,8 +238,11 @@ class SharedMemoryTransport(WeightTransport):
         dtype: str,
         path: Optional[Path] = None,
         timeout_s: float = 300,
+        layerwise: bool = False,
     ):
         self.policy = policy
+        # Replicas take vLLM's layerwise reload even where the direct load applies (benchmarks compare them).
+        self.layerwise = layerwise
         self.dtype = dtype
         self.path = path or default_path()
         self.timeout_s = timeout_s
@@ -258,7 +261,7 @@ class SharedMemoryTransport(WeightTransport):
 
     async def _load(self, replica: SharedMemoryReceiver, layout: dict[str, Any], version: int) -> None:
         try:
-            await asyncio.wait_for(replica.load_weights_shm(layout, version), self.timeout_s)
+            await asyncio.wait_for(replica.load_weights_shm(layout, version, self.layerwise), self.timeout_s)
         except asyncio.TimeoutError as exc:
             raise EngineError(
                 f"{replica.name}: shared-memory weight sync of policy version {version} did not finish within "
