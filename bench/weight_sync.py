@@ -302,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
         args.model = str(tiny_llama())
     if args.transport is None:
         args.transport = "all"
+    known = {"folder", "cuda_ipc", "shared_memory", "shared_memory_layerwise"}
+    if args.transport != "all" and not set(args.transport.split(",")) <= known:
+        parser.error(f"--transport: {args.transport!r} is not 'all' nor some of {sorted(known)}")
     if args.dtype is None:
         args.dtype = "float32" if args.device == "cpu" else "bfloat16"
     asyncio.run(run(args))
