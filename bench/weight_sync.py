@@ -8,7 +8,9 @@ and prints, for the same number of bytes:
 * ``memcpy``: one host-memory copy (the floor for moving the weights once through the host);
 * per transport (``folder``: FSDP2 -> tmpfs safetensors -> in-place reload; ``cuda_ipc``:
   FSDP2 -> GPU buckets -> vLLM reads them over CUDA IPC; ``shared_memory``: FSDP2 -> one
-  mapped /dev/shm file -> vLLM-CPU reloads from zero-copy views of it): the sync median and
+  mapped /dev/shm file -> vLLM-CPU loads it straight into the live model and rebuilds its
+  packed kernels; ``shared_memory_layerwise``: the same file through vLLM's layerwise
+  reload, the path before the direct load): the sync median and
   its parts (prepare = gather + write/pack while replicas serve; load = the engine's load
   calls; swap = pause + load + cache reset + resume), and the ratios to the floors;
 * the proof after each transport: the replica starts from *other* random weights (and is
@@ -99,8 +101,8 @@ def other_weights(model_dir: str, out: Path, seed: int = 1) -> Path:
 def make_transport(name: str, actor: Actor, args):
     if name == "folder":
         return FolderTransport(actor, root=default_weights_root(), dtype=args.dtype, bucket_bytes=args.bucket_mb << 20)
-    if name == "shared_memory":
-        return SharedMemoryTransport(actor, dtype=args.dtype)
+    if name in ("shared_memory", "shared_memory_layerwise"):
+        return SharedMemoryTransport(actor, dtype=args.dtype, layerwise=name == "shared_memory_layerwise")
     return CudaIpcTransport(actor, dtype=args.dtype, bucket_bytes=args.bucket_mb << 20)
 
 
@@ -167,8 +169,8 @@ async def run(args) -> None:
     cfg.actor.dtype = args.dtype
     cfg.validate()
     placement = node_placement(cfg.trainer, cfg.engine, args.device)
-    fast = "cuda_ipc" if args.device == "cuda" else "shared_memory"
-    transports = ["folder", fast] if args.transport == "all" else [args.transport]
+    fast = ["cuda_ipc"] if args.device == "cuda" else ["shared_memory_layerwise", "shared_memory"]
+    transports = ["folder", *fast] if args.transport == "all" else args.transport.split(",")
     start_dir = str(other_weights(args.model, Path(tempfile.mkdtemp(prefix="sync-bench-")) / "replica-start"))
     replica = VLLMReplica(
         ReplicaSpec(
@@ -226,7 +228,7 @@ async def run(args) -> None:
         load_s = statistics.median(loads)
         floor = f", {sync_s / device_s:.0f}x device copy" if device_s is not None else ""
         moved = reports[0].bytes
-        written = "pack" if name in ("cuda_ipc", "shared_memory") else "write"
+        written = "write" if name == "folder" else "pack"
         whole = " of the whole model" if moved != num_bytes else ""
         if moved != num_bytes:
             print(f"[{name}] moves {moved / 2**20:.2f} MiB ({100 * moved / num_bytes:.2f}% of the model)")
@@ -266,7 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder for --shape")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
-    parser.add_argument("--transport", choices=["folder", "cuda_ipc", "shared_memory", "all"], default=None)
+    parser.add_argument(
+        "--transport",
+        default=None,
+        help="all, or some of folder, cuda_ipc, shared_memory, shared_memory_layerwise (comma-separated)",
+    )
     parser.add_argument("--enforce-eager", action="store_true", help="vLLM without CUDA graphs (faster start)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--bucket-mb", type=int, default=512)
@@ -296,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
         args.model = str(tiny_llama())
     if args.transport is None:
         args.transport = "all"
+    known = {"folder", "cuda_ipc", "shared_memory", "shared_memory_layerwise"}
+    if args.transport != "all" and not set(args.transport.split(",")) <= known:
+        parser.error(f"--transport: {args.transport!r} is not 'all' nor some of {sorted(known)}")
     if args.dtype is None:
         args.dtype = "float32" if args.device == "cpu" else "bfloat16"
     asyncio.run(run(args))

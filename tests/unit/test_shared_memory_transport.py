@@ -143,7 +143,7 @@ class Replica:
     def __init__(self, name, delay=0.0):
         self.name, self.delay, self.policy_version, self.loads = name, delay, 0, []
 
-    async def load_weights_shm(self, layout, version):
+    async def load_weights_shm(self, layout, version, layerwise=False):
         await asyncio.sleep(self.delay)
         self.loads.append((version, read_back(layout)["model.norm.weight"]))
         self.policy_version = version

@@ -194,18 +194,23 @@ class VLLMReplica(ServerReplica):
             time.perf_counter() - started,
         )  # fmt: skip
 
-    async def load_weights_shm(self, layout: dict[str, Any], version: int) -> None:
+    async def load_weights_shm(self, layout: dict[str, Any], version: int, layerwise: bool = False) -> None:
         """Load weights from the trainer's shared-memory file (``transports.shared_memory``'s layout).
 
-        One worker call: vLLM's in-place reload in checkpoint format over zero-copy views
-        into the file, then the tied-embedding fix of ``ReloadWorkerExtension``.
+        One worker call: on CPU the tensors go straight into the live model and only the
+        kernels' packed copies are rebuilt (``vllm_cpu_load``); otherwise vLLM's in-place
+        reload over zero-copy views into the file, then the tied-embedding fix of
+        ``ReloadWorkerExtension``. ``layerwise`` forces that reload (benchmarks compare the two).
         """
         started = time.perf_counter()
         try:
             body = await self._server.request(
                 "POST",
                 "/collective_rpc",
-                body={"method": "atropos_verl_load_shared_memory", "kwargs": {"layout": json.dumps(layout)}},
+                body={
+                    "method": "atropos_verl_load_shared_memory",
+                    "kwargs": {"layout": json.dumps(layout), "layerwise": layerwise},
+                },
             )
         except EngineError as exc:
             raise EngineError(
@@ -225,8 +230,9 @@ class VLLMReplica(ServerReplica):
         parts["reset"] = time.perf_counter() - loaded
         self.last_load_parts = parts
         logger.info(
-            "%s: loaded policy version %d from shared memory in %.3fs", self, version, time.perf_counter() - started
-        )
+            "%s: loaded policy version %d from shared memory (%s) in %.3fs",
+            self, version, "direct" if parts.get("direct") else "layerwise reload", time.perf_counter() - started,
+        )  # fmt: skip
 
     async def weight_transfer_world_size(self) -> int:
         """Ranks this server takes in a weight-transfer group (TP x PP x DP)."""

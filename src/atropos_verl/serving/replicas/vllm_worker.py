@@ -26,17 +26,21 @@ class ReloadWorkerExtension:
         self.reload_weights(weights_path=weights_path)
         _retie_embeddings(self)
 
-    def atropos_verl_load_shared_memory(self: Any, layout: str) -> dict[str, float]:
-        """Reload every weight from the trainer's shared-memory file (``transports.shared_memory``'s layout, JSON).
+    def atropos_verl_load_shared_memory(self: Any, layout: str, layerwise: bool = False) -> dict[str, float]:
+        """Load every weight from the trainer's shared-memory file (``transports.shared_memory``'s layout, JSON).
 
-        The tensors handed to vLLM are views into the mapping: each byte is read once,
-        by the parameter's own loader. The mapping is kept for the next version (the
-        trainer rewrites the same file in place), so later loads fault in no pages; a new
-        file or size is mapped afresh. Returns the seconds of each part.
+        On the CPU platform the file's tensors go straight into the live model and only
+        the kernels' packed copies are rebuilt (``vllm_cpu_load``); a model that plan does
+        not cover, or ``layerwise``, takes vLLM's layerwise reload over zero-copy views into
+        the file. The mapping is kept for the next version (the trainer rewrites the same
+        file in place), so later loads fault in no pages; a new file or size is mapped afresh.
+        Returns the seconds of each part and ``direct`` (1.0: the direct load ran).
         """
+        import logging
         import os
 
-        from atropos_verl.serving.transports.shared_memory import SharedMemoryFile, read_views
+        from atropos_verl.serving.replicas import vllm_cpu_load
+        from atropos_verl.serving.transports.shared_memory import SharedMemoryFile, layout_entries, read_views
 
         started = time.perf_counter()
         parsed = json.loads(layout)
@@ -49,10 +53,39 @@ class ReloadWorkerExtension:
             file.remap(size)
             self._atropos_verl_shm = cached = ((path, os.fstat(file.fd).st_ino, size), file)
         mapped = time.perf_counter()
+        model = self.model_runner.get_model()
+        entries = layout_entries(parsed)
+        # Every version has the same layout: the plan is made once per layout and model.
+        key = (id(model), tuple((name, dtype, tuple(shape), offset) for name, dtype, shape, offset, _ in entries))
+        plan_cache = getattr(self, "_atropos_verl_plan", None)
+        if plan_cache is None or plan_cache[0] != key:
+            plan = vllm_cpu_load.plan_load(
+                model,
+                entries,
+                lora=self.vllm_config.lora_config is not None,
+                quantized=self.vllm_config.model_config.quantization is not None,
+            )
+            if isinstance(plan, str):
+                logging.getLogger(__name__).warning("shared-memory load takes vLLM's layerwise reload: %s", plan)
+            self._atropos_verl_plan = plan_cache = (key, plan)
+        plan = plan_cache[1]
+        planned = time.perf_counter()
+        if not isinstance(plan, str) and not layerwise:
+            parts = vllm_cpu_load.load(plan, cached[1])
+            # What vLLM's reload_weights drops after a reload: outputs computed under the old weights.
+            self.model_runner.reset_encoder_cache()
+            self.model_runner.reset_mm_cache()
+            return {"map": mapped - started, "plan": planned - mapped, **parts, "direct": 1.0}
         self.reload_weights(weights_iterator=read_views(parsed, cached[1]))
         loaded = time.perf_counter()
         _retie_embeddings(self)
-        return {"map": mapped - started, "reload": loaded - mapped, "retie": time.perf_counter() - loaded}
+        return {
+            "map": mapped - started,
+            "plan": planned - mapped,
+            "reload": loaded - planned,
+            "retie": time.perf_counter() - loaded,
+            "direct": 0.0,
+        }
 
     def atropos_verl_load_ipc(self: Any, updates: str) -> dict[str, float]:
         """Load every weight from the trainer's GPU buckets (``transports.cuda_ipc``'s updates, JSON).

@@ -11,10 +11,11 @@ For a CPU trainer with vLLM-CPU replicas on the same machine. Both ends of the f
 * the layout (:func:`layout_entries`: name, dtype, shape, offset, bytes of every tensor)
   travels as JSON in the load call; nothing is serialised but that;
 * replica end, ``ReloadWorkerExtension.atropos_verl_load_shared_memory``: the vLLM worker
-  maps the file, builds zero-copy tensor views at the offsets and hands them to
+  maps the file and builds zero-copy tensor views at the offsets. On CPU they go straight
+  into the live model and only the packed kernels are rebuilt from them
+  (``serving.replicas.vllm_cpu_load``); a model that path does not cover gets them through
   ``reload_weights(weights_iterator=...)`` (checkpoint format: vLLM maps HF names and
-  fuses qkv / gate_up itself), so each byte is read once, straight into the engine's
-  parameters.
+  fuses qkv / gate_up itself). Either way each byte is read once from the file.
 
 ``prepare`` (gather + copy into the file) runs while replicas serve; ``push`` makes one
 call per replica. The file keeps the last pushed version until the next ``prepare``,
@@ -225,7 +226,7 @@ class SharedMemoryPolicyWeights(Protocol):
 
 
 class SharedMemoryReceiver(WeightReceiver, Protocol):
-    async def load_weights_shm(self, layout: dict[str, Any], version: int) -> None: ...
+    async def load_weights_shm(self, layout: dict[str, Any], version: int, layerwise: bool = False) -> None: ...
 
 
 class SharedMemoryTransport(WeightTransport):
@@ -238,8 +239,11 @@ class SharedMemoryTransport(WeightTransport):
         dtype: str,
         path: Optional[Path] = None,
         timeout_s: float = 300,
+        layerwise: bool = False,
     ):
         self.policy = policy
+        # Replicas take vLLM's layerwise reload even where the direct load applies (benchmarks compare them).
+        self.layerwise = layerwise
         self.dtype = dtype
         self.path = path or default_path()
         self.timeout_s = timeout_s
@@ -258,7 +262,7 @@ class SharedMemoryTransport(WeightTransport):
 
     async def _load(self, replica: SharedMemoryReceiver, layout: dict[str, Any], version: int) -> None:
         try:
-            await asyncio.wait_for(replica.load_weights_shm(layout, version), self.timeout_s)
+            await asyncio.wait_for(replica.load_weights_shm(layout, version, self.layerwise), self.timeout_s)
         except asyncio.TimeoutError as exc:
             raise EngineError(
                 f"{replica.name}: shared-memory weight sync of policy version {version} did not finish within "
