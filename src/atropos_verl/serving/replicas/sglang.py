@@ -189,6 +189,43 @@ class SGLangReplica(ServerReplica):
         self.policy_version = version
         logger.info("%s: loaded policy version %d from %s in %.3fs", self, version, path, self.last_load_seconds)
 
+    @property
+    def tensor_parallel_size(self) -> int:
+        """SGLang's TP ranks: each reads its own payload of a tensor load."""
+        return self._spec.tensor_parallel_size
+
+    async def load_weights_tensors(self, payloads: list[str], version: int) -> None:
+        """Load the trainer's staged buckets (``transports.sglang_tensor``): one payload per TP rank."""
+        if len(payloads) != self.tensor_parallel_size:
+            raise EngineError(
+                f"{self}: {len(payloads)} tensor payloads for {self.tensor_parallel_size} TP ranks (one per rank)"
+            )
+        started = time.perf_counter()
+        advice = (
+            "The replica may hold a mix of old and new weights: load again or restart it "
+            "(engine.weight_transport=folder loads from disk instead)."
+        )
+        try:
+            body = await self._server.request(
+                "POST",
+                "/update_weights_from_tensor",
+                body={
+                    "serialized_named_tensors": payloads,
+                    "weight_version": str(version),
+                    # See the module notes: a flush after a retract pause kills the scheduler.
+                    "flush_cache": self._pause_mode == "abort",
+                },
+            )
+        except EngineError as exc:
+            raise EngineError(f"{exc}\n{advice}") from exc
+        if not isinstance(body, dict) or body.get("success") is not True:
+            raise EngineError(f"{self}: loading policy version {version} from tensors failed: {body!r}\n{advice}")
+        self.last_load_seconds = time.perf_counter() - started
+        self.policy_version = version
+        logger.info(
+            "%s: loaded policy version %d from the trainer's tensors in %.3fs", self, version, self.last_load_seconds
+        )
+
     def _require_memory_saver(self, what: str) -> None:
         if not self._spec.enable_sleep_mode:
             raise EngineError(
