@@ -19,6 +19,16 @@ the routes this adapter drives:
 - ``POST /update_weights_from_disk {"model_path", "weight_version", "flush_cache"}``: loads
   every safetensors file of the folder in place and labels the weights (``GET /model_info``
   reports the label as ``weight_version``).
+- ``POST /update_weights_from_tensor {"serialized_named_tensors", "weight_version", "flush_cache"}``
+  (``transports.sglang_tensor``): one base64 ``ForkingPickler`` dump of ``[(HF name, tensor)]``
+  per TP rank, read by SGLang's tp worker with its restricted unpickler and loaded with
+  ``model.load_weights``; the same label and flush rule as the disk load. Verified on CPU with
+  the trainer's buckets in torch's ``file_system`` shared memory (opened by name by the
+  unrelated server process; the default ``file_descriptor`` strategy cannot reach it): two
+  versions through the same buckets match transformers' log-probs, and the end-to-end run
+  syncs this way every step. A payload serves one load (each dump counts references the
+  receiver gives back), so every load gets a fresh dump. The CUDA form (GPU buckets, the
+  GPU's UUID in the handle) is the same code and has not run here.
 - ``POST /release_memory_occupation`` / ``/resume_memory_occupation {"tags": [...]}``: free and
   restore GPU memory (``--enable-memory-saver``, CUDA only). Resuming a tag that was not
   released kills the scheduler, and so does releasing while requests are queued.
