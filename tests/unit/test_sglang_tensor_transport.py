@@ -167,3 +167,39 @@ def test_transport_gives_every_tp_rank_its_own_payload_restores_and_times_out():
     assert policy.released == 1
     with pytest.raises(ValueError, match="medium"):
         SGLangTensorTransport(policy, medium="folder", dtype="bfloat16", receivers=1)
+
+
+class DevicePolicy:
+    def __init__(self, device):
+        self.device = device
+
+
+@pytest.mark.parametrize(
+    ("device", "placement", "ray_resources", "setting", "expected"),
+    [
+        ("cpu", None, {}, "auto", "shared_memory"),
+        ("cpu", None, {}, "folder", "folder"),
+        ("cuda", (("0",), (("0",),)), {}, "auto", "cuda_ipc"),
+        ("cuda", (("0",), (("1",),)), {}, "auto", "folder"),
+        # A replica on a Ray node of its own does not share the trainer's GPU "0", whatever its name.
+        ("cuda", (("0",), (("0",),)), {"replica_node": 1.0}, "auto", "folder"),
+    ],
+)
+def test_service_picks_the_tensor_transport_for_sglang_by_placement(
+    device, placement, ray_resources, setting, expected, tmp_path
+):
+    from atropos_verl.config import EngineConfig, ModelConfig
+    from atropos_verl.placement import CPU_PLACEMENT, Placement
+    from atropos_verl.serving.service import InferenceService
+    from atropos_verl.serving.transports.folder import FolderTransport
+
+    engine = EngineConfig(kind="sglang", weight_transport=setting, dtype="bfloat16", ray_resources=ray_resources)
+    where = CPU_PLACEMENT if placement is None else Placement(trainer_gpus=placement[0], replica_gpus=placement[1])
+    service = InferenceService(engine, ModelConfig(), "/nonexistent", "bfloat16", tmp_path, where)
+    transport = asyncio.run(service._make_transport(DevicePolicy(device)))  # type: ignore[arg-type]
+    if expected == "folder":
+        assert isinstance(transport, FolderTransport)
+    else:
+        assert isinstance(transport, SGLangTensorTransport) and transport.name == expected
+        assert transport.receivers == 1 and transport.dtype == "bfloat16"
+    transport.close()
