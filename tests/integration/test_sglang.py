@@ -24,9 +24,11 @@ from atroposlib.envs.server_handling.server_manager import ServerManager
 from atroposlib.envs.server_handling.sglang_server import SGLangServer
 from atroposlib.envs.server_handling.vllm_server import VLLMServer
 
+from atropos_verl.modelinfo import ties_word_embeddings
 from atropos_verl.serving.gateway import POLICY_VERSION_HEADER, Gateway
 from atropos_verl.serving.replicas import EngineError, ReplicaSpec, SGLangReplica
 from atropos_verl.serving.replicas.access import TOKEN_HEADER
+from atropos_verl.serving.transports.sglang_tensor import TensorStage
 
 pytestmark = [pytest.mark.integration, pytest.mark.sglang]
 
@@ -209,6 +211,50 @@ def test_sync_with_a_request_in_flight_leaves_the_scheduler_alive(
     assert live.run(replica.health())
     assert len(live.run(live.greedy(prompt_ids, max_tokens=4))) == 4
     assert replica.policy_version == 3 and live.run(replica.weight_version()) == "3"
+
+
+def _hf_weights(model_dir: str) -> tuple[list[tuple[str, Any]], bool]:
+    """The model's tensors by HF name, as the trainer's workers hand them over, and whether it ties its embeddings."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return list(model.state_dict().items()), ties_word_embeddings(model.config)
+
+
+def test_load_weights_tensors_from_shared_memory_buckets(
+    live: Live, tiny_model: str, perturbed_model: str, prompt_ids: list[int]
+) -> None:
+    """SGLang's /update_weights_from_tensor on CPU: two versions through the same file_system shared-memory buckets."""
+    replica = live.replica
+    stage = TensorStage()
+    pointers: list[int] = []
+    try:
+        for version, model_dir in [(4, perturbed_model), (5, tiny_model)]:
+            tensors, tied = _hf_weights(model_dir)
+            staged = stage.stage(
+                iter(tensors), bucket_bytes=1 << 20, dtype="float32", device="cpu", writer=True,
+                tied_embeddings=tied, payloads=1,
+            )  # fmt: skip
+            assert staged["buckets"] > 1 and all(buffer.is_shared() for buffer in stage.buffers)
+            pointers = pointers or [buffer.data_ptr() for buffer in stage.buffers]
+            assert [buffer.data_ptr() for buffer in stage.buffers] == pointers
+            live.run(replica.pause())
+            live.run(replica.load_weights_tensors(staged["payloads"], version))
+            live.run(replica.resume())
+            assert replica.policy_version == version and live.run(replica.weight_version()) == str(version)
+            # Version 3 served the tiny model: matching the perturbed one proves the load.
+            _assert_served(live, prompt_ids, model_dir)
+            mib, buckets = staged["bytes"] / 2**20, staged["buckets"]
+            print(
+                f"\nload_weights_tensors (shared memory, {mib:.1f} MiB in {buckets:.0f} buckets): "
+                f"stage {staged['seconds']:.3f}s, load {replica.last_load_seconds:.3f}s"
+            )
+        with pytest.raises(EngineError, match="sglang-test.*2 tensor payloads for 1 TP ranks"):
+            live.run(replica.load_weights_tensors(stage.payloads(2), version=6))
+    finally:
+        stage.release()
+    assert replica.policy_version == 5 and live.run(replica.health())
 
 
 def test_sleep_is_refused_without_the_memory_saver(live: Live) -> None:

@@ -1,7 +1,8 @@
 """The RL loop on CPU with `engine=sglang`: the trainer starts SGLang (its own venv) + gateway,
 two unmodified BaseEnv processes sample the policy through the gateway (atroposlib's `sglang`
 server type on SGLang's native /generate, and `openai`), and after every step the weights are
-synced from disk and proven.
+synced and proven: engine.weight_transport=auto picks SGLang's /update_weights_from_tensor from the
+trainer's shared-memory buckets on CPU.
 """
 
 import pytest
@@ -22,3 +23,8 @@ def test_rl_loop_with_sglang_and_two_environments(atropos_api, tiny_model, sglan
     assert run.metrics[0]["train/inference_logprob_abs_diff"] < 1e-3
     assert_both_envs_served(run, "sglang")
     assert "SGLang replica 'sglang-0'" in run.trainer_log
+    assert "weight transport: shared_memory (engine.weight_transport=auto; SGLang /update_weights_from_tensor)" in (
+        run.trainer_log
+    )
+    for step in range(1, STEPS + 1):
+        assert f"loaded policy version {step} from the trainer's tensors" in run.trainer_log

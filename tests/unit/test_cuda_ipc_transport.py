@@ -72,8 +72,16 @@ def test_selection():
     assert select_transport("auto", device="cuda", replica_gpus=other, **kw) == "folder"
     with pytest.raises(EngineError, match="vllm-1"):
         select_transport("cuda_ipc", device="cuda", replica_gpus=other, **kw)
-    with pytest.raises(EngineError, match="sglang"):
-        select_transport("cuda_ipc", device="cuda", engine_kind="sglang", trainer_gpu="GPU-a", replica_gpus=same)
+    # SGLang: the same choices (its /update_weights_from_tensor payloads), by the placement's GPU names.
+    sglang = dict(engine_kind="sglang", trainer_gpu="0")
+    assert select_transport("auto", device="cuda", replica_gpus={"sglang-0": ["0"]}, **sglang) == "cuda_ipc"
+    assert select_transport("cuda_ipc", device="cuda", replica_gpus={"sglang-0": ["0"]}, **sglang) == "cuda_ipc"
+    assert select_transport("auto", device="cuda", replica_gpus={"sglang-0": ["1"]}, **sglang) == "folder"
+    # A replica on another Ray node has no GPU the trainer shares.
+    with pytest.raises(EngineError, match="sglang-0 runs on GPU\\(s\\) \\[\\]"):
+        select_transport("cuda_ipc", device="cuda", replica_gpus={"sglang-0": []}, **sglang)
+    with pytest.raises(EngineError, match="nccl needs a CUDA trainer and vLLM"):
+        select_transport("nccl", device="cuda", replica_gpus={"sglang-0": ["1"]}, **sglang)
 
 
 def test_config_field_and_replica_launch():

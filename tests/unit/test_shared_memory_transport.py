@@ -119,9 +119,12 @@ def test_selection_picks_shared_memory_on_cpu():
     assert select_transport("auto", device="cpu", engine_kind="vllm", **kw) == "shared_memory"
     assert select_transport("shared_memory", device="cpu", engine_kind="vllm", **kw) == "shared_memory"
     assert select_transport("folder", device="cpu", engine_kind="vllm", **kw) == "folder"
-    assert select_transport("auto", device="cpu", engine_kind="sglang", **kw) == "folder"
-    with pytest.raises(EngineError, match="engine.kind=vllm"):
-        select_transport("shared_memory", device="cpu", engine_kind="sglang", **kw)
+    # For SGLang the same medium carries its /update_weights_from_tensor payloads.
+    assert select_transport("auto", device="cpu", engine_kind="sglang", **kw) == "shared_memory"
+    assert select_transport("shared_memory", device="cpu", engine_kind="sglang", **kw) == "shared_memory"
+    assert select_transport("folder", device="cpu", engine_kind="sglang", **kw) == "folder"
+    with pytest.raises(EngineError, match="vllm or sglang"):
+        select_transport("shared_memory", device="cpu", engine_kind="external", **kw)
     with pytest.raises(EngineError, match="runs on cuda"):
         select_transport("shared_memory", device="cuda", engine_kind="vllm", trainer_gpu="a", replica_gpus={})
 

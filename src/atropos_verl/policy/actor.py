@@ -309,6 +309,16 @@ class Actor:
     def release_weights_ipc(self) -> None:
         self.workers.release_weights_ipc()
 
+    def stage_weights_tensors(self, bucket_bytes: int, dtype: str, payloads: int) -> dict[str, Any]:
+        """Full policy weights into rank 0's buckets; ``payloads`` SGLang payloads of them (see PolicyWorker)."""
+        return self.workers.stage_weights_tensors(bucket_bytes, dtype, payloads)[0]
+
+    def weights_tensor_payloads(self, count: int) -> list[str]:
+        return self.workers.weights_tensor_payloads(count)[0]
+
+    def release_weights_tensors(self) -> None:
+        self.workers.release_weights_tensors()
+
     def stage_weights_shm(self, path: str, dtype: str) -> dict[str, Any]:
         """Full policy weights into the shared-memory file at ``path``; its layout (see PolicyWorker)."""
         return self.workers.stage_weights_shm(path, dtype)[0]

@@ -26,6 +26,7 @@ from atropos_verl.policy.rows import BatchArrays, cuts_by_offsets, split_rows
 from atropos_verl.serving.transports.cuda_ipc import IpcStage, gpu_uuid
 from atropos_verl.serving.transports.folder import write_weights
 from atropos_verl.serving.transports.nccl import NcclSender, build_manifest
+from atropos_verl.serving.transports.sglang_tensor import TensorStage
 from atropos_verl.serving.transports.shared_memory import SharedMemoryStage
 
 
@@ -272,6 +273,40 @@ class PolicyWorker(TrainingWorker):
     def release_weights_ipc(self) -> None:
         if getattr(self, "_ipc_stage", None) is not None:
             self._ipc_stage.release()
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def stage_weights_tensors(self, bucket_bytes: int, dtype: str, payloads: int) -> dict:
+        """Copy the full policy into this worker's reusable buckets; rank 0's answer holds SGLang payloads of them.
+
+        The buckets are CUDA buffers on a GPU, shared memory on the CPU (``transports.sglang_tensor``).
+        Every rank walks the per-tensor generator (each full tensor is an all-gather); only rank 0 keeps buckets.
+        """
+        from atropos_verl.policy.fsdp_engine import _device
+
+        if getattr(self, "_tensor_stage", None) is None:
+            self._tensor_stage = TensorStage()
+        per_tensor = self._full_tensors()
+        return self._tensor_stage.stage(
+            per_tensor,
+            bucket_bytes=bucket_bytes,
+            dtype=dtype,
+            device=_device().type,
+            writer=self.rank == 0,
+            tied_embeddings=ties_word_embeddings(self.model_config.hf_config),
+            payloads=payloads,
+        )
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def weights_tensor_payloads(self, count: int) -> list[str]:
+        """``count`` more payloads of what the buckets hold (rank 0; a payload serves one load by one TP rank)."""
+        if self.rank != 0:
+            return []
+        return self._tensor_stage.payloads(count)
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def release_weights_tensors(self) -> None:
+        if getattr(self, "_tensor_stage", None) is not None:
+            self._tensor_stage.release()
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def stage_weights_shm(self, path: str, dtype: str) -> dict:

@@ -28,6 +28,7 @@ from atropos_verl.serving.transports.base import PolicyWeights, WeightTransport
 from atropos_verl.serving.transports.cuda_ipc import CudaIpcTransport, select_transport
 from atropos_verl.serving.transports.folder import FolderTransport, default_weights_root
 from atropos_verl.serving.transports.nccl import NcclTransport
+from atropos_verl.serving.transports.sglang_tensor import SGLangTensorTransport
 from atropos_verl.serving.transports.shared_memory import SharedMemoryTransport
 
 logger = logging.getLogger(__name__)
@@ -152,6 +153,7 @@ class InferenceService:
         self.replicas = build_replicas(
             engine, model, model_path, self.dtype, run_dir / "engines", replica_token, placement
         )
+        self.placement = placement
         self.model_name = served_model_name(model, model_path)
         self.lora = model.lora.enabled
         api_key = os.environ.get(engine.api_key_env) if engine.api_key_env else None
@@ -223,7 +225,7 @@ class InferenceService:
 
     async def _make_transport(self, policy: PolicyWeights) -> WeightTransport:
         """``engine.weight_transport``: auto is cuda_ipc when every replica is on the trainer's GPU,
-        shared_memory for a CPU trainer with vLLM-CPU replicas, else folder."""
+        shared_memory for a CPU trainer, else folder; for SGLang both mean /update_weights_from_tensor."""
         bucket_bytes = self.engine.sync_bucket_mb << 20
         if self.lora:
             from atropos_verl.serving.lora import AdapterTransport
@@ -241,9 +243,30 @@ class InferenceService:
         if setting != "folder" and device == "cuda" and self.engine.kind == "vllm":
             trainer_gpu = await asyncio.to_thread(policy.gpu_uuid)  # type: ignore[attr-defined]
             replica_gpus = {r.name: await r.gpu_uuids() for r in self.replicas}  # type: ignore[attr-defined]
+        elif setting != "folder" and device == "cuda":
+            # SGLang reports no GPU identity: the placement's names say where each replica runs
+            # (a replica on a Ray node of its own runs on another host's GPUs, whatever their names).
+            trainer_gpu = self.placement.trainer_gpus[0] if self.placement.trainer_gpus else None
+            remote = bool(self.engine.ray_resources)
+            replica_gpus = {
+                r.name: () if remote or i >= len(self.placement.replica_gpus) else self.placement.replica_gpus[i]
+                for i, r in enumerate(self.replicas)
+            }
         choice = select_transport(
             setting, device=device, engine_kind=self.engine.kind, trainer_gpu=trainer_gpu, replica_gpus=replica_gpus
         )
+        if self.engine.kind == "sglang" and choice in ("cuda_ipc", "shared_memory"):
+            logger.info(
+                "weight transport: %s (engine.weight_transport=%s; SGLang /update_weights_from_tensor)", choice, setting
+            )
+            receivers = sum(r.tensor_parallel_size for r in self.replicas)  # type: ignore[attr-defined]
+            return SGLangTensorTransport(
+                policy,  # type: ignore[arg-type]
+                medium=choice,
+                dtype=self.dtype,
+                receivers=receivers,
+                bucket_bytes=bucket_bytes,
+            )
         logger.info("weight transport: %s (engine.weight_transport=%s)", choice, setting)
         if choice == "cuda_ipc":
             return CudaIpcTransport(policy, dtype=self.dtype, bucket_bytes=bucket_bytes)  # type: ignore[arg-type]

@@ -19,6 +19,16 @@ the routes this adapter drives:
 - ``POST /update_weights_from_disk {"model_path", "weight_version", "flush_cache"}``: loads
   every safetensors file of the folder in place and labels the weights (``GET /model_info``
   reports the label as ``weight_version``).
+- ``POST /update_weights_from_tensor {"serialized_named_tensors", "weight_version", "flush_cache"}``
+  (``transports.sglang_tensor``): one base64 ``ForkingPickler`` dump of ``[(HF name, tensor)]``
+  per TP rank, read by SGLang's tp worker with its restricted unpickler and loaded with
+  ``model.load_weights``; the same label and flush rule as the disk load. Verified on CPU with
+  the trainer's buckets in torch's ``file_system`` shared memory (opened by name by the
+  unrelated server process; the default ``file_descriptor`` strategy cannot reach it): two
+  versions through the same buckets match transformers' log-probs, and the end-to-end run
+  syncs this way every step. A payload serves one load (each dump counts references the
+  receiver gives back), so every load gets a fresh dump. The CUDA form (GPU buckets, the
+  GPU's UUID in the handle) is the same code and has not run here.
 - ``POST /release_memory_occupation`` / ``/resume_memory_occupation {"tags": [...]}``: free and
   restore GPU memory (``--enable-memory-saver``, CUDA only). Resuming a tag that was not
   released kills the scheduler, and so does releasing while requests are queued.
@@ -188,6 +198,43 @@ class SGLangReplica(ServerReplica):
         self.last_load_seconds = time.perf_counter() - started
         self.policy_version = version
         logger.info("%s: loaded policy version %d from %s in %.3fs", self, version, path, self.last_load_seconds)
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        """SGLang's TP ranks: each reads its own payload of a tensor load."""
+        return self._spec.tensor_parallel_size
+
+    async def load_weights_tensors(self, payloads: list[str], version: int) -> None:
+        """Load the trainer's staged buckets (``transports.sglang_tensor``): one payload per TP rank."""
+        if len(payloads) != self.tensor_parallel_size:
+            raise EngineError(
+                f"{self}: {len(payloads)} tensor payloads for {self.tensor_parallel_size} TP ranks (one per rank)"
+            )
+        started = time.perf_counter()
+        advice = (
+            "The replica may hold a mix of old and new weights: load again or restart it "
+            "(engine.weight_transport=folder loads from disk instead)."
+        )
+        try:
+            body = await self._server.request(
+                "POST",
+                "/update_weights_from_tensor",
+                body={
+                    "serialized_named_tensors": payloads,
+                    "weight_version": str(version),
+                    # See the module notes: a flush after a retract pause kills the scheduler.
+                    "flush_cache": self._pause_mode == "abort",
+                },
+            )
+        except EngineError as exc:
+            raise EngineError(f"{exc}\n{advice}") from exc
+        if not isinstance(body, dict) or body.get("success") is not True:
+            raise EngineError(f"{self}: loading policy version {version} from tensors failed: {body!r}\n{advice}")
+        self.last_load_seconds = time.perf_counter() - started
+        self.policy_version = version
+        logger.info(
+            "%s: loaded policy version %d from the trainer's tensors in %.3fs", self, version, self.last_load_seconds
+        )
 
     def _require_memory_saver(self, what: str) -> None:
         if not self._spec.enable_sleep_mode:

@@ -197,13 +197,22 @@ def select_transport(
 ) -> str:
     """``folder``, ``shared_memory``, ``cuda_ipc`` or ``nccl`` for ``engine.weight_transport=setting``.
 
-    shared_memory needs a CPU trainer and vLLM (its replicas run on the trainer's host).
-    cuda_ipc needs CUDA, vLLM, and every worker of every replica on the trainer rank 0's
-    GPU (``replica_gpus``: replica name → its workers' GPU UUIDs). ``auto`` picks the one
-    that fits and falls back to folder otherwise; an explicit choice that cannot work is
-    an error naming why. nccl (replicas on other GPUs) is chosen only explicitly: it has
-    not run on GPUs yet.
+    shared_memory and cuda_ipc name the medium; the format is the engine's: for vLLM its
+    worker extension (the /dev/shm file, packed IPC updates), for SGLang its
+    ``/update_weights_from_tensor`` payloads (:mod:`~atropos_verl.serving.transports.sglang_tensor`).
+    shared_memory needs a CPU trainer (replicas on its host). cuda_ipc needs CUDA and every
+    worker of every replica on the trainer rank 0's GPU (``replica_gpus``: replica name → its
+    workers' GPUs, named as ``trainer_gpu`` is). ``auto`` picks the one that fits and falls
+    back to folder otherwise; an explicit choice that cannot work is an error naming why.
+    nccl (replicas on other GPUs) is vLLM's and chosen only explicitly: it has not run on
+    GPUs yet.
     """
+    if engine_kind not in ("vllm", "sglang"):
+        if setting in ("auto", "folder"):
+            return "folder"
+        raise EngineError(
+            f"engine.weight_transport={setting} needs engine.kind=vllm or sglang, got {engine_kind}; use folder"
+        )
     if setting == "folder":
         return "folder"
     if setting == "nccl":
@@ -214,24 +223,15 @@ def select_transport(
             )
         return "nccl"
     if device == "cpu" and setting in ("auto", "shared_memory"):
-        if engine_kind == "vllm":
-            return "shared_memory"
-        if setting == "shared_memory":
-            raise EngineError(
-                f"engine.weight_transport=shared_memory needs engine.kind=vllm, got {engine_kind} "
-                "(only the vLLM adapter loads from shared memory); use folder"
-            )
-        return "folder"
+        return "shared_memory"
     if setting == "shared_memory":
         raise EngineError(
-            f"engine.weight_transport=shared_memory needs the trainer on the CPU (vLLM-CPU replicas), but it runs "
-            f"on {device}; use auto, cuda_ipc or folder"
+            f"engine.weight_transport=shared_memory needs the trainer on the CPU, but it runs on {device}; "
+            "use auto, cuda_ipc or folder"
         )
     reason = None
     if device != "cuda":
         reason = f"the trainer runs on {device}, not CUDA"
-    elif engine_kind != "vllm":
-        reason = f"engine.kind={engine_kind} (only the vLLM adapter takes CUDA IPC updates)"
     else:
         for name, gpus in replica_gpus.items():
             if not gpus or any(gpu != trainer_gpu for gpu in gpus):
