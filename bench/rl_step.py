@@ -15,7 +15,7 @@ time to this trainer's (> 1: this trainer steps faster).
 The two sides differ by design in one way: Atropos environments keep sampling while the
 trainer trains (the next batch forms during the update), verl's synchronous trainer
 generates, then recomputes old log-probs, then updates. Each side runs with its own
-defaults otherwise (this trainer: the gsm8k_1gpu experiment; verl: main_ppo's).
+defaults otherwise (this trainer: the gsm8k_1gpu experiment, or --experiment; verl: main_ppo's).
 """
 
 from __future__ import annotations
@@ -205,6 +205,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.35)
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs in either side's vLLM")
     parser.add_argument("--only", choices=("both", "ours", "verl"), default="both")
+    parser.add_argument(
+        "--experiment", default="gsm8k_1gpu", help="this trainer's experiment (gsm8k_sglang_1gpu: served by SGLang)"
+    )
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per side")
     parser.add_argument("--out", type=Path, default=Path("rl_step_out"))
     parser.add_argument("--ours-arg", action="append", default=[], help="extra override for this trainer")
@@ -234,7 +237,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         side = Side("ours", log=args.out / "ours.log")
         run_dir = args.out / "ours"
         overrides = [
-            "+experiment=gsm8k_1gpu",
+            f"+experiment={args.experiment}",
             f"model.path={model}",
             f"data.path={train}",
             f"data.group_size={args.group_size}",
