@@ -192,7 +192,7 @@ async def run(args) -> None:
         max_model_len=512,
         gpu_memory_utilization=args.gpu_memory_utilization,
         weight_transfer="ipc" if "cuda_ipc" in transports else "folder",
-        extra_args=["--enforce-eager"] if args.enforce_eager and args.engine == "vllm" else [],
+        extra_args=(["--enforce-eager"] if args.enforce_eager and args.engine == "vllm" else []) + args.engine_arg,
     )
     if args.engine == "sglang":
         replica = SGLangReplica(spec, name="bench", python=args.sglang_python)
@@ -295,6 +295,12 @@ def main(argv: list[str] | None = None) -> int:
         "--sglang-python", default=None, help="SGLang's interpreter (default: $ATROPOS_VERL_SGLANG_PYTHON)"
     )
     parser.add_argument("--enforce-eager", action="store_true", help="vLLM without CUDA graphs (faster start)")
+    parser.add_argument(
+        "--engine-arg",
+        action="append",
+        default=[],
+        help="one more word for the engine's command line (repeat: --engine-arg=--grammar-backend --engine-arg=none)",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--bucket-mb", type=int, default=512)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.4)
