@@ -1,8 +1,11 @@
 """The policy ranks' rendezvous store is served from 127.0.0.1 exactly when MASTER_ADDR is 127.0.0.1."""
 
 import os
+from datetime import timedelta
 
+import psutil
 import pytest
+import torch
 
 from atropos_verl.netutil import free_port
 from atropos_verl.policy.worker import _loopback_rendezvous
@@ -46,3 +49,25 @@ def test_other_ranks_join_as_clients_on_loopback(rendezvous_env):
     assert _loopback_rendezvous() is None
     assert os.environ["TORCHELASTIC_USE_AGENT_STORE"] == "True"
     assert os.environ["GLOO_SOCKET_IFNAME"] == os.environ["NCCL_SOCKET_IFNAME"] == "lo"
+
+
+def listening_addresses(port: int) -> set[str]:
+    return {
+        c.laddr.ip
+        for c in psutil.Process().net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+    }
+
+
+def test_rank_zero_serves_the_store_on_127_0_0_1_only(rendezvous_env):
+    rendezvous_env.setenv("MASTER_ADDR", "127.0.0.1")
+    port = int(os.environ["MASTER_PORT"])
+
+    store = _loopback_rendezvous()
+    assert listening_addresses(port) == {"127.0.0.1"}
+    client = torch.distributed.TCPStore("127.0.0.1", port, 2, is_master=False, timeout=timedelta(seconds=10))
+    client.set("rank1", "joined")
+    assert store.get("rank1") == b"joined"
+    # The store owns its socket: it stops listening when it goes (no abort, no second close).
+    del client, store
+    assert listening_addresses(port) == set()

@@ -75,7 +75,7 @@ def _loopback_rendezvous():
     agent-store mode); gloo and NCCL keep their own connections on the loopback
     interface. Any other address, ``::1`` and ``localhost`` included (clients could resolve
     them to an IPv6 socket the store does not serve), keeps torch's own rendezvous.
-    Returns what must stay alive (rank 0's store and socket), or None.
+    Returns rank 0's store (it must stay alive), or None.
     """
     import socket
     from datetime import timedelta
@@ -91,7 +91,9 @@ def _loopback_rendezvous():
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((LOOPBACK_STORE_HOST, int(os.environ["MASTER_PORT"])))
     listener.listen(128)
-    store = torch.distributed.TCPStore(
+    # The store owns the socket from here on and closes it when it goes: a Python socket
+    # object closed first would end the store's server thread (an abort), or close it twice.
+    return torch.distributed.TCPStore(
         LOOPBACK_STORE_HOST,
         int(os.environ["MASTER_PORT"]),
         int(os.environ["WORLD_SIZE"]),
@@ -99,10 +101,9 @@ def _loopback_rendezvous():
         timeout=timedelta(minutes=10),
         wait_for_workers=False,
         multi_tenant=True,
-        master_listen_fd=listener.fileno(),
+        master_listen_fd=listener.detach(),
         use_libuv=False,
     )
-    return listener, store
 
 
 class PolicyWorker(TrainingWorker):
