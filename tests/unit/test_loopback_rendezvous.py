@@ -22,20 +22,26 @@ RENDEZVOUS_VARIABLES = (
 
 
 @pytest.fixture
-def rendezvous_env(monkeypatch):
-    """A clean rendezvous environment; whatever the function under test sets is undone afterwards."""
-    for name in RENDEZVOUS_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
-    return monkeypatch
+def rendezvous_env():
+    """A clean rendezvous environment; whatever the function under test sets is undone afterwards.
+
+    Restored by hand: monkeypatch.delenv records nothing for a variable that was absent, so one
+    the function sets (TORCHELASTIC_USE_AGENT_STORE) would leak into later tests' processes.
+    """
+    saved = {name: os.environ.pop(name, None) for name in RENDEZVOUS_VARIABLES}
+    os.environ.update(MASTER_PORT=str(free_port()), WORLD_SIZE="2", RANK="0")
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.mark.parametrize("master_addr", ["::1", "localhost", "10.1.2.3", None])
 def test_any_other_master_address_keeps_torchs_rendezvous(rendezvous_env, master_addr):
     if master_addr is not None:
-        rendezvous_env.setenv("MASTER_ADDR", master_addr)
+        os.environ["MASTER_ADDR"] = master_addr
 
     assert _loopback_rendezvous() is None
     for name in ("TORCHELASTIC_USE_AGENT_STORE", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
@@ -43,8 +49,8 @@ def test_any_other_master_address_keeps_torchs_rendezvous(rendezvous_env, master
 
 
 def test_other_ranks_join_as_clients_on_loopback(rendezvous_env):
-    rendezvous_env.setenv("MASTER_ADDR", "127.0.0.1")
-    rendezvous_env.setenv("RANK", "1")
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["RANK"] = "1"
 
     assert _loopback_rendezvous() is None
     assert os.environ["TORCHELASTIC_USE_AGENT_STORE"] == "True"
@@ -60,7 +66,7 @@ def listening_addresses(port: int) -> set[str]:
 
 
 def test_rank_zero_serves_the_store_on_127_0_0_1_only(rendezvous_env):
-    rendezvous_env.setenv("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
     port = int(os.environ["MASTER_PORT"])
 
     store = _loopback_rendezvous()
