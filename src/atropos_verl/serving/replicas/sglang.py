@@ -236,6 +236,55 @@ class SGLangReplica(ServerReplica):
             "%s: loaded policy version %d from the trainer's tensors in %.3fs", self, version, self.last_load_seconds
         )
 
+    @property
+    def flushes_cache(self) -> bool:
+        """Whether a load may flush the prefix cache (see the module notes: not after a retract pause)."""
+        return self._pause_mode == "abort"
+
+    async def init_weights_update_group(
+        self, master_address: str, master_port: int, rank_offset: int, world_size: int, group_name: str, backend: str
+    ) -> None:
+        """Join the trainer's weight-update group (``transports.sglang_nccl``); returns once every rank joined."""
+        body = await self._server.request(
+            "POST",
+            "/init_weights_update_group",
+            body={
+                "master_address": master_address,
+                "master_port": master_port,
+                "rank_offset": rank_offset,
+                "world_size": world_size,
+                "group_name": group_name,
+                "backend": backend,
+            },
+        )
+        if not isinstance(body, dict) or body.get("success") is not True:
+            raise EngineError(
+                f"{self}: joining weight-update group {group_name} ({backend}, {master_address}:{master_port}, "
+                f"ranks from {rank_offset} of {world_size}) failed: {body!r}; "
+                "engine.weight_transport=folder loads from disk instead"
+            )
+
+    async def update_weights_from_distributed(self, body: dict, version: int, final: bool) -> None:
+        """Receive one broadcast bucket (``body``: names, dtypes, shapes, group); ``final`` labels the weights."""
+        started = time.perf_counter()
+        advice = (
+            "The replica may hold a mix of old and new weights: sync again or restart it "
+            "(engine.weight_transport=folder loads from disk instead)."
+        )
+        try:
+            answer = await self._server.request("POST", "/update_weights_from_distributed", body=body)
+        except EngineError as exc:
+            raise EngineError(f"{exc}\n{advice}") from exc
+        if not isinstance(answer, dict) or answer.get("success") is not True:
+            raise EngineError(f"{self}: receiving policy version {version} by broadcast failed: {answer!r}\n{advice}")
+        self.last_load_seconds = time.perf_counter() - started
+        if final:
+            self.policy_version = version
+            logger.info("%s: received policy version %d by broadcast", self, version)
+
+    async def destroy_weights_update_group(self, group_name: str) -> None:
+        await self._server.request("POST", "/destroy_weights_update_group", body={"group_name": group_name})
+
     def _require_memory_saver(self, what: str) -> None:
         if not self._spec.enable_sleep_mode:
             raise EngineError(
