@@ -29,6 +29,17 @@ the routes this adapter drives:
   syncs this way every step. A payload serves one load (each dump counts references the
   receiver gives back), so every load gets a fresh dump. The CUDA form (GPU buckets, the
   GPU's UUID in the handle) is the same code and has not run here.
+- ``POST /init_weights_update_group {"master_address", "master_port", "rank_offset", "world_size",
+  "group_name", "backend"}`` / ``/update_weights_from_distributed {"names", "dtypes", "shapes",
+  "group_name", "load_format": "flattened_bucket", "weight_version", "flush_cache"}`` /
+  ``/destroy_weights_update_group {"group_name"}`` (``transports.sglang_nccl``): each TP worker
+  joins the trainer's torch process group as rank ``rank_offset + tp_rank`` (``dp_size`` must
+  be 1), and each update call receives one broadcast bucket (the tensors' bytes back to back,
+  HF names) and hands it to ``model.load_weights``; the scheduler blocks in the collective
+  until the trainer broadcasts. ``backend`` is any torch backend: verified on CPU with
+  ``gloo`` (two versions broadcast from the trainer match transformers' log-probs, labelled
+  with ``weight_version``); ``nccl`` (split placement on GPUs) has not run here. SGLang's own
+  group timeout is torch's default (30 min), so the transport bounds every call itself.
 - ``POST /release_memory_occupation`` / ``/resume_memory_occupation {"tags": [...]}``: free and
   restore GPU memory (``--enable-memory-saver``, CUDA only). Resuming a tag that was not
   released kills the scheduler, and so does releasing while requests are queued.
