@@ -447,9 +447,10 @@ class EngineConfig:
     in_flight: str = _f("drain", choices=("drain", "keep"))
     # How weights reach replicas: folder (safetensors on tmpfs, any engine/device), cuda_ipc (a replica
     # on the trainer's GPU reads its buffers), shared_memory (a replica on the CPU trainer's host reads
-    # its shared memory; for SGLang both are /update_weights_from_tensor), nccl (vLLM on other GPUs
-    # receives a broadcast; explicit only until it has run on GPUs), auto (cuda_ipc when colocated on
-    # CUDA, shared_memory on CPU, else folder).
+    # its shared memory; for SGLang both are /update_weights_from_tensor), nccl (replicas on other GPUs
+    # receive a broadcast from the trainer; explicit only until it has run on GPUs; SGLang's route also
+    # takes gloo, so with SGLang it works on a CPU trainer too, verified against SGLang-CPU), auto
+    # (cuda_ipc when colocated on CUDA, shared_memory on CPU, else folder).
     weight_transport: str = _f("auto", choices=WEIGHT_TRANSPORTS)
     sync_bucket_mb: int = _f(512, ge=1)
     # Mean |trainer - engine| log-prob on the probe above which the run stops (null: only log).

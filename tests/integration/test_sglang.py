@@ -28,6 +28,8 @@ from atropos_verl.modelinfo import ties_word_embeddings
 from atropos_verl.serving.gateway import POLICY_VERSION_HEADER, Gateway
 from atropos_verl.serving.replicas import EngineError, ReplicaSpec, SGLangReplica
 from atropos_verl.serving.replicas.access import TOKEN_HEADER
+from atropos_verl.serving.transports.nccl import NcclSender, build_manifest
+from atropos_verl.serving.transports.sglang_nccl import SGLangNcclTransport, UpdateGroup
 from atropos_verl.serving.transports.sglang_tensor import TensorStage
 
 pytestmark = [pytest.mark.integration, pytest.mark.sglang]
@@ -255,6 +257,66 @@ def test_load_weights_tensors_from_shared_memory_buckets(
     finally:
         stage.release()
     assert replica.policy_version == 5 and live.run(replica.health())
+
+
+class _TrainerRank0:
+    """The trainer's rank-0 end in this process, as PolicyWorker runs it: the model's tensors by HF name."""
+
+    def __init__(self) -> None:
+        self.tensors: list[tuple[str, Any]] = []
+        self.tied = False
+        self.manifest: Any = None
+        self.group: UpdateGroup | None = None
+        self.sender: NcclSender | None = None
+
+    def nccl_manifest(self, dtype: str) -> dict[str, Any]:
+        self.manifest = build_manifest(((n, t.dtype, t.shape) for n, t in self.tensors), dtype, self.tied)
+        return dict(vars(self.manifest))
+
+    def init_weights_sglang_group(
+        self, master_address: str, master_port: int, world_size: int, backend: str, group_name: str, timeout_s: float
+    ) -> None:
+        self.group = UpdateGroup.join(
+            master_address, master_port, world_size, backend=backend, group_name=group_name, timeout_s=timeout_s
+        )
+        self.sender = NcclSender(self.group, "cpu")
+
+    def send_weights_nccl(self, dtype: str, buffer_bytes: int) -> dict[str, float]:
+        assert self.sender is not None
+        return self.sender.send(iter(self.tensors), self.manifest, buffer_bytes)
+
+    def release_weights_nccl(self) -> None:
+        group, self.group, self.sender = self.group, None, None
+        if group is not None:
+            group.destroy()
+
+
+def test_load_weights_by_gloo_broadcast_from_the_trainer(
+    live: Live, tiny_model: str, perturbed_model: str, prompt_ids: list[int]
+) -> None:
+    """SGLang's /update_weights_from_distributed on CPU: the NCCL path's code with gloo, two versions, one group."""
+    replica = live.replica
+    trainer = _TrainerRank0()
+    transport = SGLangNcclTransport(trainer, dtype="float32", device="cpu", buffer_bytes=1 << 20, timeout_s=60)
+    try:
+        for version, model_dir in [(6, perturbed_model), (7, tiny_model)]:
+            trainer.tensors, trainer.tied = _hf_weights(model_dir)
+            transport.manifest = None
+            stats = live.run(transport.prepare(version))
+            live.run(replica.pause())
+            live.run(transport.push(version, [replica]))
+            live.run(replica.resume())
+            assert transport.formations == 1 and transport.last_send["chunks"] > 1
+            assert replica.policy_version == version and live.run(replica.weight_version()) == str(version)
+            # The previous version served the other model: matching this one proves the broadcast.
+            _assert_served(live, prompt_ids, model_dir)
+            print(
+                f"\nnccl transport on gloo ({stats.bytes / 2**20:.1f} MiB in {transport.last_send['chunks']:.0f} "
+                f"buckets): push {transport.last_send['push_seconds']:.3f}s"
+            )
+    finally:
+        live.run(transport._leave())
+    assert live.run(replica.health())
 
 
 def test_sleep_is_refused_without_the_memory_saver(live: Live) -> None:

@@ -28,3 +28,16 @@ def test_rl_loop_with_sglang_and_two_environments(atropos_api, tiny_model, sglan
     )
     for step in range(1, STEPS + 1):
         assert f"loaded policy version {step} from the trainer's tensors" in run.trainer_log
+
+
+@pytest.mark.timeout(900)
+def test_rl_loop_with_sglang_synced_by_gloo_broadcast(atropos_api, tiny_model, sglang_python, tmp_path):
+    """engine.weight_transport=nccl on CPU: the policy's rank-0 Ray worker (inside FSDP's own process group)
+    joins SGLang's weight-update group over gloo and broadcasts every step's weights."""
+    overrides = [f"engine.python={sglang_python}", "engine.weight_transport=nccl"]
+    run = train_with_engine("sglang", overrides, atropos_api.url, tiny_model, tmp_path, STEPS)
+
+    assert_every_step_synced(run.metrics, STEPS)
+    assert "weight transport: nccl (SGLang /update_weights_from_distributed, gloo)" in run.trainer_log
+    for step in range(1, STEPS + 1):
+        assert f"received policy version {step} by broadcast" in run.trainer_log

@@ -80,8 +80,13 @@ def test_selection():
     # A replica on another Ray node has no GPU the trainer shares.
     with pytest.raises(EngineError, match="sglang-0 runs on GPU\\(s\\) \\[\\]"):
         select_transport("cuda_ipc", device="cuda", replica_gpus={"sglang-0": []}, **sglang)
-    with pytest.raises(EngineError, match="nccl needs a CUDA trainer and vLLM"):
-        select_transport("nccl", device="cuda", replica_gpus={"sglang-0": ["1"]}, **sglang)
+    # SGLang's broadcast route takes the backend: nccl on CUDA, gloo on a CPU trainer; vLLM's needs CUDA.
+    assert select_transport("nccl", device="cuda", replica_gpus={"sglang-0": ["1"]}, **sglang) == "nccl"
+    assert select_transport("nccl", device="cpu", replica_gpus={}, **sglang) == "nccl"
+    with pytest.raises(
+        EngineError, match="nccl needs a CUDA trainer \\(or SGLang.*trainer.device=cpu, engine.kind=vllm"
+    ):
+        select_transport("nccl", device="cpu", replica_gpus={}, engine_kind="vllm", trainer_gpu=None)
 
 
 def test_config_field_and_replica_launch():

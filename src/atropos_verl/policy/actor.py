@@ -347,6 +347,11 @@ class Actor:
     def init_weights_nccl(self, master_address: str, master_port: int, world_size: int) -> None:
         self.workers.init_weights_nccl(master_address, master_port, world_size)
 
+    def init_weights_sglang_group(
+        self, master_address: str, master_port: int, world_size: int, backend: str, group_name: str, timeout_s: float
+    ) -> None:
+        self.workers.init_weights_sglang_group(master_address, master_port, world_size, backend, group_name, timeout_s)
+
     def send_weights_nccl(self, dtype: str, buffer_bytes: int) -> dict[str, float]:
         return self.workers.send_weights_nccl(dtype, buffer_bytes)[0]
 

@@ -26,6 +26,7 @@ from atropos_verl.policy.rows import BatchArrays, cuts_by_offsets, split_rows
 from atropos_verl.serving.transports.cuda_ipc import IpcStage, gpu_uuid
 from atropos_verl.serving.transports.folder import write_weights
 from atropos_verl.serving.transports.nccl import NcclSender, build_manifest
+from atropos_verl.serving.transports.sglang_nccl import UpdateGroup
 from atropos_verl.serving.transports.sglang_tensor import TensorStage
 from atropos_verl.serving.transports.shared_memory import SharedMemoryStage
 
@@ -358,6 +359,22 @@ class PolicyWorker(TrainingWorker):
         self._nccl_sender = NcclSender(group, torch.cuda.current_device(), torch.cuda.synchronize)
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def init_weights_sglang_group(
+        self, master_address: str, master_port: int, world_size: int, backend: str, group_name: str, timeout_s: float
+    ) -> None:
+        """Rank 0 joins SGLang's weight-update group as its rank 0 (nccl on CUDA, gloo on CPU)."""
+        if self.rank != 0:
+            return
+        group = UpdateGroup.join(
+            master_address, master_port, world_size, backend=backend, group_name=group_name, timeout_s=timeout_s
+        )
+        self._nccl_group = group
+        if torch.cuda.is_available() and backend == "nccl":
+            self._nccl_sender = NcclSender(group, torch.cuda.current_device(), torch.cuda.synchronize)
+        else:
+            self._nccl_sender = NcclSender(group, "cpu")
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def send_weights_nccl(self, dtype: str, buffer_bytes: int) -> dict:
         """Broadcast the full policy to the group; rank 0 sends, the others only take part in the all-gathers."""
         per_tensor = self._full_tensors()
@@ -373,6 +390,9 @@ class PolicyWorker(TrainingWorker):
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def release_weights_nccl(self) -> None:
         self._nccl_sender = None
+        group, self._nccl_group = getattr(self, "_nccl_group", None), None
+        if group is not None:
+            group.destroy()
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def gpu_uuid(self) -> str | None:

@@ -28,6 +28,7 @@ from atropos_verl.serving.transports.base import PolicyWeights, WeightTransport
 from atropos_verl.serving.transports.cuda_ipc import CudaIpcTransport, select_transport
 from atropos_verl.serving.transports.folder import FolderTransport, default_weights_root
 from atropos_verl.serving.transports.nccl import NcclTransport
+from atropos_verl.serving.transports.sglang_nccl import SGLangNcclTransport, group_backend
 from atropos_verl.serving.transports.sglang_tensor import SGLangTensorTransport
 from atropos_verl.serving.transports.shared_memory import SharedMemoryTransport
 
@@ -267,6 +268,9 @@ class InferenceService:
                 receivers=receivers,
                 bucket_bytes=bucket_bytes,
             )
+        if self.engine.kind == "sglang" and choice == "nccl":
+            logger.info("weight transport: nccl (SGLang /update_weights_from_distributed, %s)", group_backend(device))
+            return SGLangNcclTransport(policy, dtype=self.dtype, device=device, buffer_bytes=bucket_bytes)  # type: ignore[arg-type]
         logger.info("weight transport: %s (engine.weight_transport=%s)", choice, setting)
         if choice == "cuda_ipc":
             return CudaIpcTransport(policy, dtype=self.dtype, bucket_bytes=bucket_bytes)  # type: ignore[arg-type]

@@ -29,6 +29,17 @@ the routes this adapter drives:
   syncs this way every step. A payload serves one load (each dump counts references the
   receiver gives back), so every load gets a fresh dump. The CUDA form (GPU buckets, the
   GPU's UUID in the handle) is the same code and has not run here.
+- ``POST /init_weights_update_group {"master_address", "master_port", "rank_offset", "world_size",
+  "group_name", "backend"}`` / ``/update_weights_from_distributed {"names", "dtypes", "shapes",
+  "group_name", "load_format": "flattened_bucket", "weight_version", "flush_cache"}`` /
+  ``/destroy_weights_update_group {"group_name"}`` (``transports.sglang_nccl``): each TP worker
+  joins the trainer's torch process group as rank ``rank_offset + tp_rank`` (``dp_size`` must
+  be 1), and each update call receives one broadcast bucket (the tensors' bytes back to back,
+  HF names) and hands it to ``model.load_weights``; the scheduler blocks in the collective
+  until the trainer broadcasts. ``backend`` is any torch backend: verified on CPU with
+  ``gloo`` (two versions broadcast from the trainer match transformers' log-probs, labelled
+  with ``weight_version``); ``nccl`` (split placement on GPUs) has not run here. SGLang's own
+  group timeout is torch's default (30 min), so the transport bounds every call itself.
 - ``POST /release_memory_occupation`` / ``/resume_memory_occupation {"tags": [...]}``: free and
   restore GPU memory (``--enable-memory-saver``, CUDA only). Resuming a tag that was not
   released kills the scheduler, and so does releasing while requests are queued.
@@ -235,6 +246,55 @@ class SGLangReplica(ServerReplica):
         logger.info(
             "%s: loaded policy version %d from the trainer's tensors in %.3fs", self, version, self.last_load_seconds
         )
+
+    @property
+    def flushes_cache(self) -> bool:
+        """Whether a load may flush the prefix cache (see the module notes: not after a retract pause)."""
+        return self._pause_mode == "abort"
+
+    async def init_weights_update_group(
+        self, master_address: str, master_port: int, rank_offset: int, world_size: int, group_name: str, backend: str
+    ) -> None:
+        """Join the trainer's weight-update group (``transports.sglang_nccl``); returns once every rank joined."""
+        body = await self._server.request(
+            "POST",
+            "/init_weights_update_group",
+            body={
+                "master_address": master_address,
+                "master_port": master_port,
+                "rank_offset": rank_offset,
+                "world_size": world_size,
+                "group_name": group_name,
+                "backend": backend,
+            },
+        )
+        if not isinstance(body, dict) or body.get("success") is not True:
+            raise EngineError(
+                f"{self}: joining weight-update group {group_name} ({backend}, {master_address}:{master_port}, "
+                f"ranks from {rank_offset} of {world_size}) failed: {body!r}; "
+                "engine.weight_transport=folder loads from disk instead"
+            )
+
+    async def update_weights_from_distributed(self, body: dict, version: int, final: bool) -> None:
+        """Receive one broadcast bucket (``body``: names, dtypes, shapes, group); ``final`` labels the weights."""
+        started = time.perf_counter()
+        advice = (
+            "The replica may hold a mix of old and new weights: sync again or restart it "
+            "(engine.weight_transport=folder loads from disk instead)."
+        )
+        try:
+            answer = await self._server.request("POST", "/update_weights_from_distributed", body=body)
+        except EngineError as exc:
+            raise EngineError(f"{exc}\n{advice}") from exc
+        if not isinstance(answer, dict) or answer.get("success") is not True:
+            raise EngineError(f"{self}: receiving policy version {version} by broadcast failed: {answer!r}\n{advice}")
+        self.last_load_seconds = time.perf_counter() - started
+        if final:
+            self.policy_version = version
+            logger.info("%s: received policy version %d by broadcast", self, version)
+
+    async def destroy_weights_update_group(self, group_name: str) -> None:
+        await self._server.request("POST", "/destroy_weights_update_group", body={"group_name": group_name})
 
     def _require_memory_saver(self, what: str) -> None:
         if not self._spec.enable_sleep_mode:

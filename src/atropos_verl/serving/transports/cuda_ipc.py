@@ -204,8 +204,9 @@ def select_transport(
     worker of every replica on the trainer rank 0's GPU (``replica_gpus``: replica name → its
     workers' GPUs, named as ``trainer_gpu`` is). ``auto`` picks the one that fits and falls
     back to folder otherwise; an explicit choice that cannot work is an error naming why.
-    nccl (replicas on other GPUs) is vLLM's and chosen only explicitly: it has not run on
-    GPUs yet.
+    nccl (replicas on other GPUs: a broadcast from the trainer's rank 0) is chosen only
+    explicitly, as it has not run on GPUs yet; for vLLM it needs CUDA, for SGLang the same
+    route runs with gloo on a CPU trainer (:mod:`~atropos_verl.serving.transports.sglang_nccl`).
     """
     if engine_kind not in ("vllm", "sglang"):
         if setting in ("auto", "folder"):
@@ -216,10 +217,10 @@ def select_transport(
     if setting == "folder":
         return "folder"
     if setting == "nccl":
-        if device != "cuda" or engine_kind != "vllm":
+        if device != "cuda" and engine_kind != "sglang":
             raise EngineError(
-                f"engine.weight_transport=nccl needs a CUDA trainer and vLLM replicas, got trainer.device={device}, "
-                f"engine.kind={engine_kind}"
+                f"engine.weight_transport=nccl needs a CUDA trainer (or SGLang replicas, which take it over gloo on "
+                f"CPU), got trainer.device={device}, engine.kind={engine_kind}"
             )
         return "nccl"
     if device == "cpu" and setting in ("auto", "shared_memory"):
