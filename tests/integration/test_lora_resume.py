@@ -158,6 +158,9 @@ def test_resumed_lora_run_serves_the_saved_adapter_and_exports(atropos_api, tiny
     # The replica (started on the base weights) is first given the checkpoint's adapter, as version 2.
     served = re.findall(r"serving adapter (\S+) \(policy version (\d+)\)", log)
     assert served and served[0] == ("policy-lora-v2", "2"), served
+    # ... and the gateway stamps responses with version 2 only once the replica holds it.
+    order = re.findall(r"serving adapter policy-lora-v\d+|gateway resumed at policy version \d+", log)
+    assert order[:2] == ["serving adapter policy-lora-v2", "gateway resumed at policy version 2"], order
     steps = read_metrics(run_dir / "metrics.jsonl")
     assert [m["step"] for m in steps] == [1, 2, 3]
     for m in steps:
