@@ -226,8 +226,13 @@ class PolicyEngine(FSDPEngineWithLMHead):
     reference = None
 
     def _build_lora_module(self, module):
+        # PEFT draws every lora_A at random (on the host: the module is not on the device yet) and
+        # verl seeds only under full_determinism. Seeded by actor.seed, two runs of one config start
+        # from the same adapter; the process's own random stream is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(self.engine_config.seed)
+            module = super()._build_lora_module(module)
         # verl passes PEFT no dropout; verl_config carries it in the model config's lora dict.
-        module = super()._build_lora_module(module)
         set_dropout(module, float(self.model_config.lora.get("dropout", 0.0)))
         return module
 

@@ -206,7 +206,10 @@ class InferenceService:
     async def attach(self, policy: PolicyWeights, policy_version: int, resumed: bool) -> None:
         """Connect the trainer's weights at ``policy_version`` (its step) and start watching replica health.
 
-        A resumed run's replicas started from the base weights: they get the checkpoint's first.
+        A resumed run's replicas started from the base weights: they get the checkpoint's first,
+        and until they hold it the gateway keeps stamping what they serve as version 0 (the
+        export alone can take seconds, and a response stamped with the checkpoint's version
+        would pass base-model samples off as on-policy).
         """
         transport = await self._make_transport(policy)
         self.weight_sync = WeightSync(
@@ -218,11 +221,13 @@ class InferenceService:
             drain_timeout_s=self.engine.drain_timeout,
             drain=self.engine.in_flight == "drain",
         )
-        self.weight_sync.policy_version = policy_version
-        self.gateway.resume(policy_version)
         self._monitor_task = asyncio.create_task(self._monitor())
         if resumed:
+            # Resumes the gateway at policy_version once every replica has loaded it.
             await self.sync(policy_version, probe=[])
+        else:
+            self.weight_sync.policy_version = policy_version
+            self.gateway.resume(policy_version)
 
     async def _make_transport(self, policy: PolicyWeights) -> WeightTransport:
         """``engine.weight_transport``: auto is cuda_ipc when every replica is on the trainer's GPU,
