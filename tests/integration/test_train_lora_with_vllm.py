@@ -58,6 +58,9 @@ def test_lora_run_syncs_only_the_adapter_and_proves_it_every_step(atropos_api, t
     full_bytes = model_bytes(tiny_llama())
     steps = run.metrics
     assert_every_step_synced(steps, STEPS)
+    # Step 1 trains on groups the base model sampled; PEFT's zero B makes the trainer's policy the
+    # base model too, so the log-probs vLLM returned equal the trainer's up to float noise.
+    assert steps[0]["train/inference_logprob_abs_diff"] < 1e-3, steps[0]
     for m in steps:
         # The adapter alone: a few percent of the model.
         assert m["sync/bytes"] < 0.1 * full_bytes, m

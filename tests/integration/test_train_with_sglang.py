@@ -18,9 +18,6 @@ def test_rl_loop_with_sglang_and_two_environments(atropos_api, tiny_model, sglan
     run = train_with_engine("sglang", [f"engine.python={sglang_python}"], atropos_api.url, tiny_model, tmp_path, STEPS)
 
     assert_every_step_synced(run.metrics, STEPS)
-    # Step 1 trains on groups sampled before any update: where the sglang-type env sent the
-    # sampler's log-probs, they equal the trainer's own up to float noise.
-    assert run.metrics[0]["train/inference_logprob_abs_diff"] < 1e-3
     assert_both_envs_served(run, "sglang")
     assert "SGLang replica 'sglang-0'" in run.trainer_log
     assert "weight transport: shared_memory (engine.weight_transport=auto; SGLang /update_weights_from_tensor)" in (
@@ -33,11 +30,17 @@ def test_rl_loop_with_sglang_and_two_environments(atropos_api, tiny_model, sglan
 @pytest.mark.timeout(900)
 def test_rl_loop_with_sglang_synced_by_gloo_broadcast(atropos_api, tiny_model, sglang_python, tmp_path):
     """engine.weight_transport=nccl on CPU: the policy's rank-0 Ray worker (inside FSDP's own process group)
-    joins SGLang's weight-update group over gloo and broadcasts every step's weights."""
+    joins SGLang's weight-update group over gloo and broadcasts every step's weights.
+
+    Only the sglang-type environment runs, so every group carries the sampler's log-probs.
+    """
     overrides = [f"engine.python={sglang_python}", "engine.weight_transport=nccl"]
-    run = train_with_engine("sglang", overrides, atropos_api.url, tiny_model, tmp_path, STEPS)
+    run = train_with_engine("sglang", overrides, atropos_api.url, tiny_model, tmp_path, STEPS, server_types=("sglang",))
 
     assert_every_step_synced(run.metrics, STEPS)
+    # Step 1 trains on groups sampled before any update: the log-probs SGLang returned through the
+    # gateway equal the trainer's own up to float noise.
+    assert run.metrics[0]["train/inference_logprob_abs_diff"] < 1e-3
     assert "weight transport: nccl (SGLang /update_weights_from_distributed, gloo)" in run.trainer_log
     for step in range(1, STEPS + 1):
         assert f"received policy version {step} by broadcast" in run.trainer_log

@@ -18,8 +18,6 @@ def test_rl_loop_with_vllm_and_two_environments(atropos_api, tiny_model, tmp_pat
     run = train_with_engine("vllm", overrides, atropos_api.url, tiny_model, tmp_path, STEPS)
 
     assert_every_step_synced(run.metrics, STEPS)
-    # Step 1 trains on groups sampled before any update: where the vllm-type env sent the
-    # sampler's log-probs, they equal the trainer's own up to float noise.
-    if "train/inference_logprob_abs_diff" in run.metrics[0]:
-        assert run.metrics[0]["train/inference_logprob_abs_diff"] < 1e-3
+    # Step 1's sampler-vs-trainer log-prob check runs where only the vllm-type env samples (step 1
+    # here may hold only the openai env's groups): test_train_lora_with_vllm.py.
     assert_both_envs_served(run, "vllm")
