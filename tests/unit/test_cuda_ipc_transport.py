@@ -16,6 +16,7 @@ from atropos_verl.serving.service import build_replicas
 from atropos_verl.serving.transports.cuda_ipc import (
     BucketPacker,
     CudaIpcTransport,
+    pack_into_buckets,
     select_transport,
     skips,
     update_info,
@@ -43,6 +44,46 @@ def test_packer_reuses_earlier_capacities():
     packer.place("a", [50], "bfloat16", 100, 2)
     packer.place("b", [100], "bfloat16", 200, 2)
     assert [b.capacity for b in packer.buckets] == [100, 300]
+
+
+def test_packing_casts_into_reused_buckets_and_drops_the_spare_ones():
+    """The packing both GPU stages (vLLM IPC, SGLang tensors) and SGLang's CPU stage share, on CPU buffers."""
+    import torch
+
+    allocated = []
+
+    def allocate(capacity):
+        allocated.append(capacity)
+        return torch.empty(capacity, dtype=torch.uint8)
+
+    named = [
+        ("model.embed_tokens.weight", torch.randn(4, 8)),
+        ("model.norm.weight", torch.randn(8)),
+        ("step", torch.tensor([3, 4], dtype=torch.int64)),
+        ("lm_head.weight", torch.randn(4, 8)),
+    ]
+    kw = dict(bucket_bytes=64, dtype="bfloat16", writer=True, tied_embeddings=True)
+    buffers = []
+    packer, views = pack_into_buckets(named, buffers, allocate, **kw)
+
+    assert [name for name, _ in views] == ["model.embed_tokens.weight", "model.norm.weight", "step"]
+    assert allocated == [64, 64] and len(buffers) == 2
+    for (_, view), (_, tensor) in zip(views, named):
+        # Floats in the engine's dtype, integers as they are; the view lies inside a bucket.
+        assert view.dtype == (torch.bfloat16 if tensor.is_floating_point() else torch.int64)
+        assert torch.equal(view, tensor.to(view.dtype))
+        assert any(view.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() for b in buffers)
+    assert [b.names for b in packer.buckets] == [["model.embed_tokens.weight"], ["model.norm.weight", "step"]]
+
+    # The next version reuses the same buckets (no allocation); one fewer tensor drops the spare bucket.
+    first = buffers[0]
+    named[0] = ("model.embed_tokens.weight", torch.randn(4, 8))
+    pack_into_buckets(named[:1], buffers, allocate, **kw)
+    assert allocated == [64, 64] and len(buffers) == 1 and buffers[0] is first
+    assert torch.equal(buffers[0][:64].view(torch.bfloat16).view(4, 8), named[0][1].to(torch.bfloat16))
+
+    # Ranks other than the writer walk the tensors (the all-gathers) and copy nothing.
+    assert pack_into_buckets(named, [], allocate, **{**kw, "writer": False})[1] == []
 
 
 def test_tied_lm_head_is_skipped_only_when_tied():

@@ -30,7 +30,7 @@ import asyncio
 import base64
 import pickle
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol, Sequence
 
@@ -94,6 +94,50 @@ class BucketPacker:
         return len(self.buckets) - 1, offset
 
 
+def pack_into_buckets(
+    named_tensors: Iterable[tuple[str, Any]],
+    buffers: list[Any],
+    allocate: Callable[[int], Any],
+    *,
+    bucket_bytes: int,
+    dtype: str,
+    writer: bool,
+    tied_embeddings: bool,
+) -> tuple[BucketPacker, list[tuple[str, Any]]]:
+    """Copy every full tensor, cast to the engine's dtype, into ``buffers``; the layout and each tensor's view.
+
+    ``buffers`` (uint8, one per bucket) are reused in place from the last version: a bucket is
+    allocated with ``allocate(capacity)`` only when the layout needs a new or larger one, and
+    the ones no longer needed are dropped. Every rank must walk ``named_tensors`` (each full
+    tensor is an all-gather); only the ``writer`` copies. Copies on a GPU are asynchronous:
+    synchronize before handing the buffers out.
+    """
+    import torch
+
+    target = torch.float32 if dtype == "float32" else torch.bfloat16
+    packer = BucketPacker(bucket_bytes, [b.numel() for b in buffers])
+    views = []
+    for name, tensor in named_tensors:
+        if not writer or skips(name, tied_embeddings):
+            continue
+        out_dtype = target if tensor.is_floating_point() else tensor.dtype
+        element = torch.empty((), dtype=out_dtype).element_size()
+        nbytes = tensor.numel() * element
+        index, offset = packer.place(name, tensor.shape, str(out_dtype).split(".")[-1], nbytes, element)
+        capacity = packer.buckets[index].capacity
+        if index == len(buffers):
+            buffers.append(allocate(capacity))
+        elif buffers[index].numel() != capacity:
+            buffers[index] = allocate(capacity)
+        view = buffers[index][offset : offset + nbytes].view(out_dtype).view(tensor.shape)
+        # One kernel: the cast into the engine's dtype writes straight into the bucket.
+        view.copy_(tensor.detach(), non_blocking=view.is_cuda)
+        views.append((name, view))
+    if writer:
+        del buffers[len(packer.buckets) :]
+    return packer, views
+
+
 def update_info(bucket: Bucket, gpu_uuid: str, handle_args: tuple) -> dict[str, Any]:
     """vLLM 0.24's packed ``IPCWeightTransferUpdateInfo`` for one bucket, in its HTTP form."""
     return {
@@ -133,27 +177,17 @@ class IpcStage:
         from torch.multiprocessing.reductions import reduce_tensor
 
         start = time.perf_counter()
-        target = torch.float32 if dtype == "float32" else torch.bfloat16
-        packer = BucketPacker(bucket_bytes, [b.numel() for b in self.buffers])
-        tensors = 0
-        for name, tensor in named_tensors:
-            if not writer or skips(name, tied_embeddings):
-                continue
-            out_dtype = target if tensor.is_floating_point() else tensor.dtype
-            element = torch.empty((), dtype=out_dtype).element_size()
-            nbytes = tensor.numel() * element
-            index, offset = packer.place(name, tensor.shape, str(out_dtype).split(".")[-1], nbytes, element)
-            if index == len(self.buffers):
-                self.buffers.append(torch.empty(packer.buckets[index].capacity, dtype=torch.uint8, device="cuda"))
-            elif self.buffers[index].numel() != packer.buckets[index].capacity:
-                self.buffers[index] = torch.empty(packer.buckets[index].capacity, dtype=torch.uint8, device="cuda")
-            view = self.buffers[index][offset : offset + nbytes].view(out_dtype).view(tensor.shape)
-            # One kernel: the cast into the engine's dtype writes straight into the bucket.
-            view.copy_(tensor.detach(), non_blocking=True)
-            tensors += 1
+        packer, views = pack_into_buckets(
+            named_tensors,
+            self.buffers,
+            lambda capacity: torch.empty(capacity, dtype=torch.uint8, device="cuda"),
+            bucket_bytes=bucket_bytes,
+            dtype=dtype,
+            writer=writer,
+            tied_embeddings=tied_embeddings,
+        )
         if not writer:
             return {"updates": [], "bytes": 0.0, "tensors": 0.0, "seconds": time.perf_counter() - start}
-        del self.buffers[len(packer.buckets) :]
         torch.cuda.current_stream().synchronize()
         uuid = gpu_uuid()
         updates = [
@@ -162,7 +196,7 @@ class IpcStage:
         return {
             "updates": updates,
             "bytes": float(sum(b.used for b in packer.buckets)),
-            "tensors": float(tensors),
+            "tensors": float(len(views)),
             "buckets": float(len(updates)),
             "seconds": time.perf_counter() - start,
         }

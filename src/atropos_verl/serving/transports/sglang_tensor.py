@@ -4,7 +4,7 @@ Both ends of SGLang 0.5.12's ``POST /update_weights_from_tensor``:
 
 * trainer end, :class:`TensorStage` (runs in the policy's rank-0 worker, the process that
   owns the memory): every full tensor, in HF names and the engine's dtype, is copied into
-  reusable uint8 buckets (:class:`~atropos_verl.serving.transports.cuda_ipc.BucketPacker`);
+  reusable uint8 buckets (:func:`~atropos_verl.serving.transports.cuda_ipc.pack_into_buckets`);
   a tied ``lm_head`` is left out (SGLang re-ties it). The buckets are allocated once and
   reused by every later version; they stay until the next stage or the release, so a
   restarted replica is restored from them. A *payload* is what SGLang's tp worker reads
@@ -48,7 +48,7 @@ from typing import Any, Optional, Protocol, Sequence
 
 from atropos_verl.serving.errors import EngineError
 from atropos_verl.serving.transports.base import TransferStats, WeightReceiver, WeightTransport
-from atropos_verl.serving.transports.cuda_ipc import BucketPacker, skips
+from atropos_verl.serving.transports.cuda_ipc import pack_into_buckets
 
 logger = logging.getLogger(__name__)
 
@@ -133,29 +133,18 @@ class TensorStage:
         import torch
 
         start = time.perf_counter()
-        target = torch.float32 if dtype == "float32" else torch.bfloat16
-        packer = BucketPacker(bucket_bytes, [b.numel() for b in self.buffers])
-        views = []
-        for name, tensor in named_tensors:
-            if not writer or skips(name, tied_embeddings):
-                continue
-            out_dtype = target if tensor.is_floating_point() else tensor.dtype
-            element = torch.empty((), dtype=out_dtype).element_size()
-            nbytes = tensor.numel() * element
-            index, offset = packer.place(name, tensor.shape, str(out_dtype).split(".")[-1], nbytes, element)
-            capacity = packer.buckets[index].capacity
-            if index == len(self.buffers):
-                self.buffers.append(self._allocate(capacity, device))
-            elif self.buffers[index].numel() != capacity:
-                self.buffers[index] = self._allocate(capacity, device)
-            view = self.buffers[index][offset : offset + nbytes].view(out_dtype).view(tensor.shape)
-            # The cast into the engine's dtype writes straight into the bucket.
-            view.copy_(tensor.detach(), non_blocking=device == "cuda")
-            views.append((name, view))
+        packer, views = pack_into_buckets(
+            named_tensors,
+            self.buffers,
+            lambda capacity: self._allocate(capacity, device),
+            bucket_bytes=bucket_bytes,
+            dtype=dtype,
+            writer=writer,
+            tied_embeddings=tied_embeddings,
+        )
         copied = time.perf_counter()
         if not writer:
             return {"payloads": [], "bytes": 0.0, "tensors": 0.0, "seconds": copied - start}
-        del self.buffers[len(packer.buckets) :]
         if device == "cuda":
             torch.cuda.current_stream().synchronize()
         self.views = views
