@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from itertools import chain
+from typing import TypeVar
 
 import ray
 import torch
@@ -29,6 +30,8 @@ from atropos_verl.serving.transports.nccl import NcclSender, build_manifest
 from atropos_verl.serving.transports.sglang_nccl import UpdateGroup
 from atropos_verl.serving.transports.sglang_tensor import TensorStage
 from atropos_verl.serving.transports.shared_memory import SharedMemoryStage
+
+Stage = TypeVar("Stage", IpcStage, TensorStage, SharedMemoryStage)
 
 
 def _dispatch_rows_by_data_parallel_rank(worker_group, batch: TensorDict):
@@ -256,49 +259,50 @@ class PolicyWorker(TrainingWorker):
 
         return write_adapter(self.engine.module, out_dir, writer=self.rank == 0, dtype=dtype)
 
+    def _stage(self, kind: type[Stage]) -> Stage:
+        """This worker's stage of one transport (IPC, SGLang tensors, shared memory): it owns the buckets."""
+        stages = self.__dict__.setdefault("_stages", {})
+        if kind not in stages:
+            stages[kind] = kind()
+        return stages[kind]
+
+    def _release_stage(self, kind: type[Stage]) -> None:
+        stage = self.__dict__.get("_stages", {}).pop(kind, None)
+        if stage is not None:
+            stage.release()
+
+    def _writer(self) -> dict[str, bool]:
+        """Every rank walks the per-tensor generator (each full tensor is an all-gather); rank 0 alone keeps a copy."""
+        return {"writer": self.rank == 0, "tied_embeddings": ties_word_embeddings(self.model_config.hf_config)}
+
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def stage_weights_ipc(self, bucket_bytes: int, dtype: str) -> dict:
-        """Copy the full policy into this worker's reusable GPU buckets; rank 0's answer holds the IPC updates.
+        """Copy the full policy into rank 0's reusable GPU buckets; its answer holds the IPC updates.
 
-        Every rank walks the per-tensor generator (each full tensor is an all-gather);
-        only rank 0 keeps buckets, so only its GPU can be read by a colocated replica.
+        Only rank 0 keeps buckets, so only its GPU can be read by a colocated replica.
         """
-        if getattr(self, "_ipc_stage", None) is None:
-            self._ipc_stage = IpcStage()
-        per_tensor = self._full_tensors()
-        return self._ipc_stage.stage(
-            per_tensor,
-            bucket_bytes=bucket_bytes,
-            dtype=dtype,
-            writer=self.rank == 0,
-            tied_embeddings=ties_word_embeddings(self.model_config.hf_config),
-        )
+        stage = self._stage(IpcStage)
+        return stage.stage(self._full_tensors(), bucket_bytes=bucket_bytes, dtype=dtype, **self._writer())
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def release_weights_ipc(self) -> None:
-        if getattr(self, "_ipc_stage", None) is not None:
-            self._ipc_stage.release()
+        self._release_stage(IpcStage)
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def stage_weights_tensors(self, bucket_bytes: int, dtype: str, payloads: int) -> dict:
-        """Copy the full policy into this worker's reusable buckets; rank 0's answer holds SGLang payloads of them.
+        """Copy the full policy into rank 0's reusable buckets; its answer holds SGLang payloads of them.
 
         The buckets are CUDA buffers on a GPU, shared memory on the CPU (``transports.sglang_tensor``).
-        Every rank walks the per-tensor generator (each full tensor is an all-gather); only rank 0 keeps buckets.
         """
         from atropos_verl.policy.fsdp_engine import _device
 
-        if getattr(self, "_tensor_stage", None) is None:
-            self._tensor_stage = TensorStage()
-        per_tensor = self._full_tensors()
-        return self._tensor_stage.stage(
-            per_tensor,
+        return self._stage(TensorStage).stage(
+            self._full_tensors(),
             bucket_bytes=bucket_bytes,
             dtype=dtype,
             device=_device().type,
-            writer=self.rank == 0,
-            tied_embeddings=ties_word_embeddings(self.model_config.hf_config),
             payloads=payloads,
+            **self._writer(),
         )
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
@@ -306,34 +310,20 @@ class PolicyWorker(TrainingWorker):
         """``count`` more payloads of what the buckets hold (rank 0; a payload serves one load by one TP rank)."""
         if self.rank != 0:
             return []
-        return self._tensor_stage.payloads(count)
+        return self._stage(TensorStage).payloads(count)
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def release_weights_tensors(self) -> None:
-        if getattr(self, "_tensor_stage", None) is not None:
-            self._tensor_stage.release()
+        self._release_stage(TensorStage)
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def stage_weights_shm(self, path: str, dtype: str) -> dict:
-        """Copy the full policy into the shared-memory file at ``path``; rank 0 writes and answers its layout.
-
-        Every rank walks the per-tensor generator (each full tensor is an all-gather).
-        """
-        if getattr(self, "_shm_stage", None) is None:
-            self._shm_stage = SharedMemoryStage()
-        per_tensor = self._full_tensors()
-        return self._shm_stage.stage(
-            per_tensor,
-            path=path,
-            dtype=dtype,
-            writer=self.rank == 0,
-            tied_embeddings=ties_word_embeddings(self.model_config.hf_config),
-        )
+        """Copy the full policy into the shared-memory file at ``path``; rank 0 writes and answers its layout."""
+        return self._stage(SharedMemoryStage).stage(self._full_tensors(), path=path, dtype=dtype, **self._writer())
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def release_weights_shm(self) -> None:
-        if getattr(self, "_shm_stage", None) is not None:
-            self._shm_stage.release()
+        self._release_stage(SharedMemoryStage)
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def nccl_manifest(self, dtype: str) -> dict:
