@@ -57,6 +57,16 @@ async def new_session(token: str | None) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60), headers=headers)
 
 
+async def route_statuses(base_url: str, token: str | None, routes: dict[str, tuple[str, Any]]) -> dict[str, int]:
+    """The HTTP status of each ``path: (method, json body or None)`` for a client holding ``token``."""
+    async with await new_session(token) as session:
+        statuses = {}
+        for path, (method, body) in routes.items():
+            async with session.request(method, f"{base_url}{path}", json=body) as response:
+                statuses[path] = response.status
+        return statuses
+
+
 def port_accepts(url: str) -> bool:
     host, port = url.removeprefix("http://").rsplit(":", 1)
     try:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import psutil
 
+from atropos_verl.netutil import free_port
 from atropos_verl.procs import ChildProcess
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,3 +151,22 @@ def run_to_end(cmd: list[str], log_path: Path, marker: str | None = None, timeou
     finally:
         child.stop(timeout_s=60)
     return code if code is not None else -1, Path(log_path).read_text()
+
+
+def train_scripted(tmp_path: Path, run_dir: Path, steps: int, name: str, *overrides: str) -> str:
+    """A run to ``steps`` in ``run_dir`` fed the same scored groups every step (the scripted
+    environment, no engine): identical data makes resumed and uninterrupted runs comparable.
+    Its log is ``tmp_path/<name>.log``; fails unless it exits 0."""
+    code, log = run_to_end(
+        train_command(
+            *base_overrides(free_port(), steps),
+            *overrides,
+            "data=scripted",
+            "data.envs.0.args=[--env.pattern,score]",
+            f"trainer.run_dir={run_dir}",
+            f"hydra.run.dir={tmp_path / name}",
+        ),
+        tmp_path / f"{name}.log",
+    )
+    assert code == 0, log[-5000:]
+    return log

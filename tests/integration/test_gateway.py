@@ -21,9 +21,8 @@ from typing import Any, TypeVar
 import aiohttp
 import pytest
 from aiohttp import web
+from atropos_clients import ENV_MODEL_NAME, atropos_client, managed_chat_nodes
 from atroposlib.envs.server_handling.openai_server import OpenAIServer
-from atroposlib.envs.server_handling.server_baseline import APIServer, APIServerConfig
-from atroposlib.envs.server_handling.server_manager import ServerManager
 from atroposlib.envs.server_handling.sglang_server import SGLangServer
 from atroposlib.envs.server_handling.vllm_server import VLLMServer
 
@@ -35,7 +34,6 @@ from atropos_verl.serving.lineage import PolicyLineage
 pytestmark = pytest.mark.integration
 
 SERVED_NAME = "tiny-policy"  # what vLLM serves; the gateway's model_name
-ENV_MODEL_NAME = "org/hub-name-of-the-policy"  # what environments put in "model"
 API_KEY = "test-key-4f1c9a"
 PROMPT = "The capital of France is"
 VLLM_READY_TIMEOUT_S = 240.0
@@ -86,38 +84,6 @@ async def running_gateway(backends: list[str], **kwargs: Any) -> AsyncIterator[G
         yield gateway
     finally:
         await gateway.stop()
-
-
-def client_config(gateway: Gateway, tokenizer: str, server_type: str) -> APIServerConfig:
-    """What an environment's --openai.* flags would hold, pointed at the gateway."""
-    return APIServerConfig(
-        base_url=f"{gateway.url}/v1",
-        model_name=ENV_MODEL_NAME,
-        tokenizer_name=tokenizer,
-        server_type=server_type,
-        api_key=API_KEY,
-        timeout=60,
-    )
-
-
-async def stop_health_checks(servers: list[APIServer]) -> None:
-    # atroposlib's clients start an endless health-check task on first use.
-    for server in servers:
-        if server.check_task is not None:
-            server.check_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await server.check_task
-
-
-@contextlib.asynccontextmanager
-async def atropos_client(
-    cls: type[APIServer], gateway: Gateway, tokenizer: str, server_type: str
-) -> AsyncIterator[Any]:
-    server = cls(client_config(gateway, tokenizer, server_type))
-    try:
-        yield server
-    finally:
-        await stop_health_checks([server])
 
 
 async def post(url: str, body: dict[str, Any], key: str | None = API_KEY) -> tuple[int, dict[str, str], Any]:
@@ -177,7 +143,7 @@ async def fake_backend(name: str) -> AsyncIterator[str]:
 def test_vllm_client_tokens_logprobs_and_prompt_logprobs(vllm_url: str, tiny_model: str) -> None:
     async def scenario() -> None:
         async with running_gateway([vllm_url], api_key=API_KEY) as gateway:
-            async with atropos_client(VLLMServer, gateway, tiny_model, "vllm") as server:
+            async with atropos_client(VLLMServer, gateway, tiny_model, "vllm", API_KEY) as server:
                 prompt_ids, outputs, logprobs, finish = await server.tokens_and_logprobs_completion(
                     prompt=PROMPT, n=2, max_tokens=6, temperature=1.0
                 )
@@ -222,7 +188,7 @@ def test_vllm_client_tokens_logprobs_and_prompt_logprobs(vllm_url: str, tiny_mod
 def test_sglang_client_through_translation(vllm_url: str, tiny_model: str) -> None:
     async def scenario() -> None:
         async with running_gateway([vllm_url], api_key=API_KEY) as gateway:
-            async with atropos_client(SGLangServer, gateway, tiny_model, "sglang") as server:
+            async with atropos_client(SGLangServer, gateway, tiny_model, "sglang", API_KEY) as server:
                 prompt_ids, outputs, logprobs, finish = await server.tokens_and_logprobs_completion(
                     prompt=PROMPT, n=2, max_tokens=5, temperature=1.0
                 )
@@ -252,23 +218,10 @@ def test_managed_server_chat_through_gateway(vllm_url: str, tiny_model: str, ser
 
     async def scenario() -> None:
         async with running_gateway([vllm_url], api_key=API_KEY) as gateway:
-            manager = ServerManager([client_config(gateway, tiny_model, server_type)])
-            try:
-                tokenizer = manager.servers[0].tokenizer
-                async with manager.managed_server(tokenizer=tokenizer) as managed:
-                    chat = await managed.chat_completion(
-                        messages=[{"role": "user", "content": "What is 2 + 2?"}], n=2, max_tokens=5, temperature=1.0
-                    )
-                    nodes = managed.get_state()["nodes"]
-            finally:
-                await stop_health_checks(manager.servers)
-        assert len(chat.choices) == len(nodes) == 2
+            nodes = await managed_chat_nodes(gateway, tiny_model, server_type, API_KEY)
         for node in nodes:
-            assert len(node.tokens) == len(node.masked_tokens) == len(node.logprobs)
             completion = [i for i, m in enumerate(node.masked_tokens) if m != -100]
-            assert 1 <= len(completion) <= 5 and completion[-1] == len(node.tokens) - 1
             assert all(node.logprobs[i] == 1.0 for i in range(completion[0]))  # prompt positions
-            assert all(node.logprobs[i] <= 0.0 and node.masked_tokens[i] == node.tokens[i] for i in completion)
             assert node.metadata["finish_reason"] in ("length", "stop")
 
     run(scenario)
@@ -277,7 +230,7 @@ def test_managed_server_chat_through_gateway(vllm_url: str, tiny_model: str, ser
 def test_openai_client_completion_chat_and_stream(vllm_url: str, tiny_model: str) -> None:
     async def scenario() -> None:
         async with running_gateway([vllm_url], api_key=API_KEY) as gateway:
-            async with atropos_client(OpenAIServer, gateway, tiny_model, "openai") as server:
+            async with atropos_client(OpenAIServer, gateway, tiny_model, "openai", API_KEY) as server:
                 completion = await server.completion(prompt=PROMPT, n=2, max_tokens=4)
                 assert len(completion.choices) == 2
                 # The env named the model by its hub id; the gateway mapped it to the served policy.

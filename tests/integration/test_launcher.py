@@ -27,6 +27,7 @@ from procs import (
     run_to_end,
     spawn,
     train_command,
+    train_scripted,
 )
 
 from atropos_verl.metrics import read_metrics
@@ -96,23 +97,9 @@ def test_resume_continues_like_an_uninterrupted_run(tmp_path):
     reproduce the uninterrupted run's losses at steps 3 and 4, which needs the weights, the
     optimizer's moments and the step counter back."""
 
-    def train(run_dir, steps, name):
-        code, log = run_to_end(
-            train_command(
-                *base_overrides(free_port(), steps),
-                "data=scripted",
-                "data.envs.0.args=[--env.pattern,score]",
-                f"trainer.run_dir={run_dir}",
-                f"hydra.run.dir={tmp_path / name}",
-            ),
-            tmp_path / f"{name}.log",
-        )
-        assert code == 0, log[-5000:]
-        return log
-
-    train(tmp_path / "straight", 4, "straight")
-    train(tmp_path / "resumed", 2, "first-half")
-    log = train(tmp_path / "resumed", 4, "second-half")
+    train_scripted(tmp_path, tmp_path / "straight", 4, "straight")
+    train_scripted(tmp_path, tmp_path / "resumed", 2, "first-half")
+    log = train_scripted(tmp_path, tmp_path / "resumed", 4, "second-half")
 
     assert "resumed from" in log and "at step 2" in log
     straight = read_metrics(tmp_path / "straight" / "metrics.jsonl")

@@ -15,7 +15,7 @@ import time
 
 import pytest
 import torch
-from procs import REPO, base_overrides, run_to_end, spawn, train_command
+from procs import REPO, spawn, train_command, train_scripted
 from safetensors.torch import load_file
 
 from atropos_verl.atropos.api_server import ApiServerProcess
@@ -42,25 +42,10 @@ def max_diff(a, b):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_lora_resume_continues_like_an_uninterrupted_run(tmp_path):
-    def train(run_dir, steps, name):
-        code, log = run_to_end(
-            train_command(
-                *base_overrides(free_port(), steps),
-                *LORA,
-                "data=scripted",
-                "data.envs.0.args=[--env.pattern,score]",
-                f"trainer.run_dir={run_dir}",
-                f"hydra.run.dir={tmp_path / name}",
-            ),
-            tmp_path / f"{name}.log",
-        )
-        assert code == 0, log[-5000:]
-        return log
-
-    train(tmp_path / "straight", 3, "straight")
-    train(tmp_path / "resumed", 2, "first-half")
+    train_scripted(tmp_path, tmp_path / "straight", 3, "straight", *LORA)
+    train_scripted(tmp_path, tmp_path / "resumed", 2, "first-half", *LORA)
     saved = adapter(tmp_path / "resumed", 2)
-    log = train(tmp_path / "resumed", 3, "second-half")
+    log = train_scripted(tmp_path, tmp_path / "resumed", 3, "second-half", *LORA)
 
     assert "resumed from" in log and "at step 2" in log
     straight = read_metrics(tmp_path / "straight" / "metrics.jsonl")

@@ -19,8 +19,7 @@ from typing import Any
 import aiohttp
 import live_replica
 import pytest
-from atroposlib.envs.server_handling.server_baseline import APIServerConfig
-from atroposlib.envs.server_handling.server_manager import ServerManager
+from atropos_clients import ENV_MODEL_NAME, atropos_client, managed_chat_nodes
 from atroposlib.envs.server_handling.sglang_server import SGLangServer
 from atroposlib.envs.server_handling.vllm_server import VLLMServer
 
@@ -35,7 +34,6 @@ from atropos_verl.serving.transports.sglang_tensor import TensorStage
 pytestmark = [pytest.mark.integration, pytest.mark.sglang]
 
 MODEL_NAME = "tiny"
-ENV_MODEL_NAME = "org/hub-name-of-the-policy"
 START_TIMEOUT_S = 240.0
 LOGPROB_ATOL = 1e-3
 REPLICA_TOKEN = "sglang-replica-token-for-tests"
@@ -76,25 +74,20 @@ def live(tiny_model: str, sglang_python: str, tmp_path_factory: pytest.TempPathF
 
 
 def test_only_holders_of_the_replica_token_reach_the_server(live: Live) -> None:
-    async def statuses(token: str | None) -> dict[str, int]:
-        async with await live_replica.new_session(token) as session:
-            url = live.replica.base_url
-            calls = {
-                "/health": session.get(f"{url}/health"),
-                "/v1/models": session.get(f"{url}/v1/models"),
-                "/model_info": session.get(f"{url}/model_info"),
-                "/pause_generation": session.post(f"{url}/pause_generation", json={"mode": "abort"}),
-            }
-            result = {}
-            for path, call in calls.items():
-                async with call as response:
-                    result[path] = response.status
-            return result
+    routes = {
+        "/health": ("GET", None),
+        "/v1/models": ("GET", None),
+        "/model_info": ("GET", None),
+        "/pause_generation": ("POST", {"mode": "abort"}),
+    }
+
+    def statuses(token: str | None) -> dict[str, int]:
+        return live.run(live_replica.route_statuses(live.replica.base_url, token, routes))
 
     refused = {"/health": 200, "/v1/models": 401, "/model_info": 401, "/pause_generation": 401}
-    assert live.run(statuses(None)) == refused
-    assert live.run(statuses("wrong")) == refused
-    assert live.run(statuses(REPLICA_TOKEN))["/model_info"] == 200
+    assert statuses(None) == refused
+    assert statuses("wrong") == refused
+    assert statuses(REPLICA_TOKEN)["/model_info"] == 200
     live.run(live.replica.resume())
     # The token reaches the server in its environment, never its command line or its log
     # (SGLang logs its server args, an --api-key among them).
@@ -345,30 +338,10 @@ async def running_gateway(live: Live, **kwargs: Any) -> AsyncIterator[Gateway]:
         await gateway.stop()
 
 
-def client_config(gateway: Gateway, tokenizer: str, server_type: str) -> APIServerConfig:
-    return APIServerConfig(
-        base_url=f"{gateway.url}/v1",
-        model_name=ENV_MODEL_NAME,
-        tokenizer_name=tokenizer,
-        server_type=server_type,
-        api_key="unused",
-        timeout=60,
-    )
-
-
-async def stop_health_checks(servers: list[Any]) -> None:
-    for server in servers:
-        if server.check_task is not None:
-            server.check_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await server.check_task
-
-
 def test_atroposlib_sglang_client_through_the_gateway(live: Live, tiny_model: str, prompt_ids: list[int]) -> None:
     async def scenario() -> None:
         async with running_gateway(live) as gateway:
-            server = SGLangServer(client_config(gateway, tiny_model, "sglang"))
-            try:
+            async with atropos_client(SGLangServer, gateway, tiny_model, "sglang") as server:
                 _, outputs, logprobs, finish = await server.tokens_and_logprobs_completion(
                     prompt=live_replica.PROMPT, n=2, max_tokens=5, temperature=1.0
                 )
@@ -383,8 +356,6 @@ def test_atroposlib_sglang_client_through_the_gateway(live: Live, tiny_model: st
                 direct = await live.generate(prompt_ids, max_new_tokens=5, temperature=0.0)
                 assert greedy_ids == direct["output_ids"]
                 assert greedy_lps == [lp for lp, _, _ in direct["meta_info"]["output_token_logprobs"]]
-            finally:
-                await stop_health_checks([server])
 
             # The gateway stamps its policy version; the OpenAI routes pass through to SGLang.
             gateway.resume(7)
@@ -413,8 +384,7 @@ def test_atroposlib_vllm_client_is_translated_for_sglang(live: Live, tiny_model:
 
     async def scenario() -> None:
         async with running_gateway(live) as gateway:
-            server = VLLMServer(client_config(gateway, tiny_model, "vllm"))
-            try:
+            async with atropos_client(VLLMServer, gateway, tiny_model, "vllm") as server:
                 _, outputs, logprobs, finish = await server.tokens_and_logprobs_completion(
                     prompt=live_replica.PROMPT, n=2, max_tokens=5, temperature=1.0
                 )
@@ -425,8 +395,6 @@ def test_atroposlib_vllm_client_is_translated_for_sglang(live: Live, tiny_model:
                 _, [greedy_ids], [greedy_lps], [reason] = await server.tokens_and_logprobs_completion(
                     input_ids=prompt_ids, max_tokens=5, temperature=0.0
                 )
-            finally:
-                await stop_health_checks([server])
         direct = await live.generate(prompt_ids, max_new_tokens=5, temperature=0.0)
         assert greedy_ids == direct["output_ids"]
         assert greedy_lps == [lp for lp, _, _ in direct["meta_info"]["output_token_logprobs"]]
@@ -441,22 +409,7 @@ def test_managed_server_chat_through_the_gateway(live: Live, tiny_model: str, se
 
     async def scenario() -> None:
         async with running_gateway(live) as gateway:
-            manager = ServerManager([client_config(gateway, tiny_model, server_type)])
-            try:
-                tokenizer = manager.servers[0].tokenizer
-                async with manager.managed_server(tokenizer=tokenizer) as managed:
-                    chat = await managed.chat_completion(
-                        messages=[{"role": "user", "content": "What is 2 + 2?"}], n=2, max_tokens=5, temperature=1.0
-                    )
-                    nodes = managed.get_state()["nodes"]
-            finally:
-                await stop_health_checks(manager.servers)
-        assert len(chat.choices) == len(nodes) == 2
-        for node in nodes:
-            assert len(node.tokens) == len(node.masked_tokens) == len(node.logprobs)
-            completion = [i for i, m in enumerate(node.masked_tokens) if m != -100]
-            assert 1 <= len(completion) <= 5 and completion[-1] == len(node.tokens) - 1
-            assert all(node.logprobs[i] <= 0.0 and node.masked_tokens[i] == node.tokens[i] for i in completion)
+            await managed_chat_nodes(gateway, tiny_model, server_type)
 
     live.run(scenario(), timeout_s=120)
 

@@ -87,24 +87,19 @@ def live(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 def test_only_holders_of_the_replica_token_reach_the_server(live: Live) -> None:
     """Dev-mode control routes too: vLLM's own --api-key would leave /collective_rpc and /pause open."""
 
-    async def statuses(token: str | None) -> dict[str, int]:
-        async with await live_replica.new_session(token) as session:
-            url = live.replica.base_url
-            calls = {
-                "/health": session.get(f"{url}/health"),
-                "/v1/models": session.get(f"{url}/v1/models"),
-                "/is_paused": session.get(f"{url}/is_paused"),
-                "/collective_rpc": session.post(f"{url}/collective_rpc", json={"method": "get_model_config"}),
-            }
-            result = {}
-            for path, call in calls.items():
-                async with call as response:
-                    result[path] = response.status
-            return result
+    routes = {
+        "/health": ("GET", None),
+        "/v1/models": ("GET", None),
+        "/is_paused": ("GET", None),
+        "/collective_rpc": ("POST", {"method": "get_model_config"}),
+    }
 
-    assert live.run(statuses(None)) == {"/health": 200, "/v1/models": 401, "/is_paused": 401, "/collective_rpc": 401}
-    assert live.run(statuses("wrong"))["/is_paused"] == 401
-    assert live.run(statuses(REPLICA_TOKEN))["/is_paused"] == 200
+    def statuses(token: str | None) -> dict[str, int]:
+        return live.run(live_replica.route_statuses(live.replica.base_url, token, routes))
+
+    assert statuses(None) == {"/health": 200, "/v1/models": 401, "/is_paused": 401, "/collective_rpc": 401}
+    assert statuses("wrong")["/is_paused"] == 401
+    assert statuses(REPLICA_TOKEN)["/is_paused"] == 200
     # The token reaches the server in its environment, never on its command line.
     assert REPLICA_TOKEN.encode() not in Path(f"/proc/{live.replica.pid}/cmdline").read_bytes()
 
