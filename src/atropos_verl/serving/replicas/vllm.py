@@ -139,26 +139,40 @@ class VLLMReplica(ServerReplica):
         body = await self._server.request("GET", "/is_paused")
         return bool(body["is_paused"])
 
-    async def load_weights(self, weights_dir: str, version: int) -> None:
-        path = require_weights(self, weights_dir)
+    async def _load_in_workers(self, method: str, kwargs: dict[str, Any]) -> dict[str, float]:
+        """One ``/collective_rpc`` to the worker extension that loads weights; the slowest worker's timed parts.
+
+        A failure mid-load leaves a mix of old and new weights, and the error says so.
+        """
         started = time.perf_counter()
         try:
-            await self._server.request(
-                "POST",
-                "/collective_rpc",
-                body={"method": "atropos_verl_reload_weights", "kwargs": {"weights_path": str(path)}},
-            )
+            body = await self._server.request("POST", "/collective_rpc", body={"method": method, "kwargs": kwargs})
         except EngineError as exc:
             raise EngineError(
                 f"{exc}\nThe replica may hold a mix of old and new weights: load again or restart it."
             ) from exc
+        # vLLM answers an empty body when every worker returned None.
+        results = body.get("results", []) if isinstance(body, dict) else []
+        workers = [r for r in results if isinstance(r, dict)]
+        parts = {key: max(float(r[key]) for r in workers) for key in workers[0]} if workers else {}
+        parts["call"] = time.perf_counter() - started
+        return parts
+
+    async def _serve_loaded(self, version: int, source: str) -> None:
+        """Forget the KV computed with the old weights and label the new ones ``version``."""
         reset = await self._server.request("POST", "/reset_prefix_cache", params={"reset_running_requests": "true"})
         # vLLM 0.32 answers {"success": bool}; 0.24 answers 200 with an empty body.
         if isinstance(reset, dict) and reset.get("success") is not True:
-            raise EngineError(f"{self}: prefix cache not reset after loading {path}: {reset!r}")
-        self.last_load_seconds = time.perf_counter() - started
+            raise EngineError(f"{self}: prefix cache not reset after loading {source}: {reset!r}")
         await self._set_weight_version(version)
         self.policy_version = version
+
+    async def load_weights(self, weights_dir: str, version: int) -> None:
+        path = require_weights(self, weights_dir)
+        started = time.perf_counter()
+        await self._load_in_workers("atropos_verl_reload_weights", {"weights_path": str(path)})
+        await self._serve_loaded(version, str(path))
+        self.last_load_seconds = time.perf_counter() - started
         logger.info("%s: loaded policy version %d from %s in %.3fs", self, version, path, time.perf_counter() - started)
 
     async def load_weights_ipc(self, updates: list[dict[str, Any]], version: int) -> None:
@@ -168,26 +182,9 @@ class VLLMReplica(ServerReplica):
         model's loaders fuse them), then the prefix-cache reset; the replica must be paused.
         """
         started = time.perf_counter()
-        try:
-            body = await self._server.request(
-                "POST",
-                "/collective_rpc",
-                body={"method": "atropos_verl_load_ipc", "kwargs": {"updates": json.dumps(updates)}},
-            )
-        except EngineError as exc:
-            raise EngineError(
-                f"{exc}\nThe replica may hold a mix of old and new weights: load again or restart it."
-            ) from exc
-        loaded = time.perf_counter()
-        await self._server.request("POST", "/reset_prefix_cache", params={"reset_running_requests": "true"})
-        await self._set_weight_version(version)
-        self.policy_version = version
-        self.last_load_seconds = loaded - started
-        workers = [r for r in body["results"] if isinstance(r, dict)]
-        parts = {key: max(float(r[key]) for r in workers) for key in workers[0]} if workers else {}
-        parts["call"] = loaded - started
-        parts["reset"] = time.perf_counter() - loaded
-        self.last_load_parts = parts
+        parts = await self._load_in_workers("atropos_verl_load_ipc", {"updates": json.dumps(updates)})
+        await self._serve_loaded(version, f"{len(updates)} CUDA IPC buckets")
+        self._record_load(parts, started)
         logger.info(
             "%s: loaded policy version %d over CUDA IPC (%d buckets, %s) in %.3fs",
             self, version, len(updates), "direct" if parts.get("direct") else "layerwise reload",
@@ -203,36 +200,21 @@ class VLLMReplica(ServerReplica):
         ``ReloadWorkerExtension``. ``layerwise`` forces that reload (benchmarks compare the two).
         """
         started = time.perf_counter()
-        try:
-            body = await self._server.request(
-                "POST",
-                "/collective_rpc",
-                body={
-                    "method": "atropos_verl_load_shared_memory",
-                    "kwargs": {"layout": json.dumps(layout), "layerwise": layerwise},
-                },
-            )
-        except EngineError as exc:
-            raise EngineError(
-                f"{exc}\nThe replica may hold a mix of old and new weights: load again or restart it."
-            ) from exc
-        loaded = time.perf_counter()
-        reset = await self._server.request("POST", "/reset_prefix_cache", params={"reset_running_requests": "true"})
-        if isinstance(reset, dict) and reset.get("success") is not True:
-            raise EngineError(f"{self}: prefix cache not reset after loading {layout['path']}: {reset!r}")
-        await self._set_weight_version(version)
-        self.policy_version = version
-        self.last_load_seconds = loaded - started
-        # The slowest worker's parts (one per worker; TP > 1 has several).
-        workers = [r for r in body["results"] if isinstance(r, dict)]
-        parts = {key: max(float(r[key]) for r in workers) for key in workers[0]} if workers else {}
-        parts["call"] = loaded - started
-        parts["reset"] = time.perf_counter() - loaded
-        self.last_load_parts = parts
+        parts = await self._load_in_workers(
+            "atropos_verl_load_shared_memory", {"layout": json.dumps(layout), "layerwise": layerwise}
+        )
+        await self._serve_loaded(version, layout["path"])
+        self._record_load(parts, started)
         logger.info(
             "%s: loaded policy version %d from shared memory (%s) in %.3fs",
             self, version, "direct" if parts.get("direct") else "layerwise reload", time.perf_counter() - started,
         )  # fmt: skip
+
+    def _record_load(self, parts: dict[str, float], started: float) -> None:
+        """What the sync's metrics read: the load call alone, and its parts with the reset after it."""
+        self.last_load_seconds = parts["call"]
+        parts["reset"] = time.perf_counter() - started - parts["call"]
+        self.last_load_parts = parts
 
     async def weight_transfer_world_size(self) -> int:
         """Ranks this server takes in a weight-transfer group (TP x PP x DP)."""
@@ -252,9 +234,7 @@ class VLLMReplica(ServerReplica):
 
     async def finish_weight_update(self, version: int) -> None:
         await self._server.request("POST", "/finish_weight_update")
-        await self._server.request("POST", "/reset_prefix_cache", params={"reset_running_requests": "true"})
-        await self._set_weight_version(version)
-        self.policy_version = version
+        await self._serve_loaded(version, "the NCCL broadcast")
 
     async def gpu_uuids(self) -> list[str]:
         """The physical GPU of each of this server's workers (empty on CPU)."""
