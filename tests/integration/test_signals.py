@@ -40,7 +40,10 @@ pytestmark = pytest.mark.integration
 
 LOOPBACK = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
 EXIT_WITHIN_S = 60
-LEFTOVERS_WITHIN_S = 15
+# Ray's workers notice their driver is gone within seconds; with 15 s the training case failed once on this
+# 2-core VM under a second test run's load, after the trainer had exited on the signal in 2 s. A process that
+# stays, stays: the bound only waits.
+LEFTOVERS_WITHIN_S = 45
 PHASE_WITHIN_S = 150
 # The first "why no batch" line comes 15 s into a wait; the issue asks for one within 60 s.
 REASON_WITHIN_S = 60
