@@ -9,7 +9,10 @@ cannot do:
   ``replicas/access.py``'s middleware (loaded by file path) checks it on every route but /health;
 - the served model name: SGLang 0.5.12 renames the model to the weights folder after
   ``/update_weights_from_disk``, so ``/v1/models`` and the OpenAI answers would stop naming the
-  policy after the first sync; the name given at launch is kept.
+  policy after the first sync; the name given at launch is kept;
+- pinned host memory where there is no CUDA: SGLang's LoRA layers and its ``torch_native`` LoRA
+  backend pin their index tensors unconditionally, which a CPU-only torch refuses
+  ("pin_memory=True requires a CUDA or other accelerator backend"); see :func:`_unpinned_without_cuda`.
 """
 
 import importlib.util
@@ -18,6 +21,31 @@ import sys
 from pathlib import Path
 
 _ACCESS = Path(__file__).resolve().parents[1] / "replicas" / "access.py"
+
+
+def _unpinned_without_cuda() -> None:
+    """Without CUDA, make pinning a no-op: a pinned tensor only speeds up copies to a GPU.
+
+    Runs at import, not in main(): SGLang starts its scheduler with the ``spawn`` method, which
+    imports this file again (as ``__mp_main__``) in the child, where the LoRA layers are built.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    torch.Tensor.pin_memory = lambda self, *args, **kwargs: self
+
+    def unpinned(factory):
+        def create(*args, pin_memory=False, **kwargs):
+            return factory(*args, **kwargs)
+
+        return create
+
+    for name in ("tensor", "zeros", "ones", "empty", "full", "arange"):
+        setattr(torch, name, unpinned(getattr(torch, name)))
+
+
+_unpinned_without_cuda()
 
 
 def _load_access():
