@@ -12,7 +12,12 @@ cannot do:
   policy after the first sync; the name given at launch is kept;
 - pinned host memory where there is no CUDA: SGLang's LoRA layers and its ``torch_native`` LoRA
   backend pin their index tensors unconditionally, which a CPU-only torch refuses
-  ("pin_memory=True requires a CUDA or other accelerator backend"); see :func:`_unpinned_without_cuda`.
+  ("pin_memory=True requires a CUDA or other accelerator backend"); see :func:`_unpinned_without_cuda`;
+- the LoRA usage count of a request with ``n > 1``: SGLang 0.5.12 counts ``batch x n`` uses of
+  its adapter but releases ``batch x n + batch`` (the prefix-caching request it sends first per
+  prompt releases one too), so the count goes below zero and ``/unload_lora_adapter``, which
+  waits for it to reach zero, never returns (and holds the lock every later load waits on);
+  see :func:`_count_prefix_requests`.
 """
 
 import importlib.util
@@ -69,6 +74,21 @@ def _keep_served_name() -> None:
     TokenizerManager._update_model_path_info = update_keeping_name
 
 
+def _count_prefix_requests() -> None:
+    """Hold the adapter once more per prompt for the prefix-caching request of an ``n > 1`` request."""
+    from sglang.srt.managers.tokenizer_manager import TokenizerManager
+
+    resolve = TokenizerManager._resolve_lora_path
+
+    async def resolve_counting_prefixes(self, obj):
+        await resolve(self, obj)
+        if not obj.is_single and getattr(obj, "parallel_sample_num", 1) > 1:
+            # lora_path is the prompts' list repeated n times: its first batch_size entries are the prompts' own.
+            await self.lora_registry.acquire(obj.lora_path[: obj.batch_size])
+
+    TokenizerManager._resolve_lora_path = resolve_counting_prefixes
+
+
 def main(argv: list[str]) -> None:
     from sglang.launch_server import run_server
     from sglang.srt.entrypoints import http_server
@@ -80,6 +100,7 @@ def main(argv: list[str]) -> None:
     if os.environ.get(access.TOKEN_ENV):
         http_server.app.add_middleware(access.RequireReplicaToken)
     _keep_served_name()
+    _count_prefix_requests()
     load_plugins()
     server_args = prepare_server_args(argv)
     try:
