@@ -81,7 +81,7 @@ class LoraConfig:
     """Low-rank adapters (PEFT LoRA) trained through verl's FSDP2 engine; ``rank: 0`` trains the full model.
 
     verl's names: ``rank`` → ``lora_rank``, ``alpha`` → ``lora_alpha``, ``target_modules`` as is.
-    Only the adapter is synced to vLLM replicas (atropos_verl.serving.lora) and checkpointed;
+    Only the adapter is synced to vLLM and SGLang replicas (atropos_verl.serving.lora) and checkpointed;
     ``python -m atropos_verl.lora_export`` turns a checkpoint's adapter into a model or a PEFT folder.
     """
 
@@ -767,12 +767,6 @@ class RunConfig:
             "rollout_correction.rollout_is (or rollout_rs), or use drop",
         )
         if self.model.lora.enabled:
-            _require(
-                self.engine.kind in ("vllm", "external"),
-                "engine.kind",
-                f"model.lora.rank > 0 syncs adapters to vLLM only: use engine=vllm or engine=external, or "
-                f"model.lora.rank=0 (got {self.engine.kind})",
-            )
             _require(
                 self.engine.weight_transport in ("auto", "folder"),
                 "engine.weight_transport",

@@ -5,7 +5,7 @@ from test_config import composed
 
 from atropos_verl.config import ConfigError, load_config
 from atropos_verl.policy.verl_config import training_worker_config
-from atropos_verl.serving.lora import LoraVLLMReplica, vllm_max_lora_rank
+from atropos_verl.serving.lora import LoraSGLangReplica, LoraVLLMReplica, vllm_max_lora_rank
 from atropos_verl.serving.replicas import ReplicaSpec
 
 
@@ -51,9 +51,13 @@ def test_lora_keys_reach_verl_under_its_names(tiny_model):
             "model.lora.target_modules",
             "all-linear stands alone",
         ),
-        (["model.lora.rank=8", "engine=sglang"], "engine.kind", "use engine=vllm or engine=external"),
         (
             ["model.lora.rank=8", "engine=vllm", "engine.weight_transport=shared_memory"],
+            "engine.weight_transport",
+            "use auto or folder",
+        ),
+        (
+            ["model.lora.rank=8", "engine=sglang", "engine.weight_transport=nccl"],
             "engine.weight_transport",
             "use auto or folder",
         ),
@@ -86,3 +90,30 @@ def test_lora_flags_come_before_the_users_extra_args():
     assert replica.environment()["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "1"
     # Before any adapter is loaded the replica's requests name the base model.
     assert replica.request_model_name == "base"
+
+
+@pytest.mark.parametrize("engine", ["vllm", "sglang"])
+def test_both_engines_serve_a_lora_policy_synced_as_a_folder(engine):
+    run = load_config(composed("model.lora.rank=8", f"engine={engine}", "engine.weight_transport=folder"))
+    assert (run.engine.kind, run.model.lora.rank) == (engine, 8)
+
+
+@pytest.mark.parametrize(
+    "target_modules, sglang_modules", [(["all-linear"], ["all"]), (["q_proj", "v_proj"], ["q_proj", "v_proj"])]
+)
+def test_sglang_lora_flags_name_the_rank_and_modules_before_the_users_extra_args(
+    monkeypatch, target_modules, sglang_modules
+):
+    monkeypatch.setattr(LoraSGLangReplica, "on_cuda", False)
+    spec = ReplicaSpec(model_path="/models/base", served_model_name="base", extra_args=["--max-loras-per-batch", "4"])
+    replica = LoraSGLangReplica(spec, python="/bin/true", lora_rank=12, target_modules=target_modules)
+    command = replica.command(8000)
+    assert "--enable-lora" in command
+    assert command[command.index("--max-lora-rank") + 1] == "12"
+    at = command.index("--lora-target-modules") + 1
+    assert command[at : at + len(sglang_modules)] == sglang_modules
+    # On CPU SGLang's default LoRA kernels (Triton) cannot run.
+    assert command[command.index("--lora-backend") + 1] == "torch_native"
+    assert command[-2:] == ["--max-loras-per-batch", "4"]
+    # Before any adapter is loaded the replica's own requests go to the base model.
+    assert replica.request_fields == {}

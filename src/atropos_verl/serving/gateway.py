@@ -330,8 +330,11 @@ class Gateway:
         is a connection failure here and the request is re-run elsewhere.
         """
         assert self._session is not None
-        if self._adapter_name is not None and "model" in payload:
-            # Rewritten at dispatch, after admission: a request held by a sync goes to the adapter it waited for.
+        # Rewritten at dispatch, after admission: a request held by a sync goes to the adapter it waited for.
+        if self._adapter_name is not None and self._backend_engine == "sglang":
+            # SGLang picks the adapter by lora_path on /generate and the OpenAI routes alike (a caller's is replaced).
+            payload = {**payload, "lora_path": self._adapter_name}
+        elif self._adapter_name is not None and "model" in payload:
             payload = {**payload, "model": self._adapter_name}
         failures: list[tuple[_Backend, BaseException]] = []
         while len(failures) < 2:

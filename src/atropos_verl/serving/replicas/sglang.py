@@ -122,8 +122,17 @@ class SGLangReplica(ServerReplica):
         self.last_load_seconds = 0.0
 
     @property
+    def on_cuda(self) -> bool:
+        return _cuda_available()
+
+    @property
     def attention_backend(self) -> str:
-        return self._attention_backend or default_attention_backend(_cuda_available())
+        return self._attention_backend or default_attention_backend(self.on_cuda)
+
+    @property
+    def request_fields(self) -> dict[str, str]:
+        """Fields every request this replica makes for itself carries (a LoRA replica names its adapter)."""
+        return {}
 
     def command(self, port: int) -> list[str]:
         """The server's command line; ``spec.extra_args`` come last so their flags win."""
@@ -330,6 +339,7 @@ class SGLangReplica(ServerReplica):
                 "sampling_params": {"max_new_tokens": 1, "temperature": 0},
                 "return_logprob": True,
                 "logprob_start_len": 0,
+                **self.request_fields,
             },
         )
         entries = body["meta_info"]["input_token_logprobs"]
