@@ -25,6 +25,7 @@ from atroposlib.envs.server_handling.vllm_server import VLLMServer
 
 from atropos_verl.modelinfo import ties_word_embeddings
 from atropos_verl.serving.gateway import POLICY_VERSION_HEADER, Gateway
+from atropos_verl.serving.lineage import PolicyLineage
 from atropos_verl.serving.replicas import EngineError, ReplicaSpec, SGLangReplica
 from atropos_verl.serving.replicas.access import TOKEN_HEADER
 from atropos_verl.serving.transports.nccl import NcclSender, build_manifest
@@ -377,6 +378,31 @@ def test_atroposlib_sglang_client_through_the_gateway(live: Live, tiny_model: st
                 assert payload["model"] == MODEL_NAME and payload["choices"][0]["text"]
 
     live.run(scenario(), timeout_s=120)
+
+
+def test_lineage_records_what_generate_returned_on_sglang(live: Live, prompt_ids: list[int]) -> None:
+    """The trainer reads each group's staleness from the gateway's lineage: SGLang's /generate answers,
+    native and translated from the vLLM format, are recorded with the version that served them."""
+    lineage = PolicyLineage(capacity=100)
+
+    async def scenario() -> tuple[list[list[int]], list[list[int]]]:
+        async with running_gateway(live, lineage=lineage) as gateway, aiohttp.ClientSession() as session:
+            gateway.resume(3)
+            native = {"input_ids": prompt_ids, "sampling_params": {"max_new_tokens": 4, "temperature": 1.0, "n": 2}}
+            async with session.post(f"{gateway.url}/generate", json=native) as resp:
+                assert resp.status == 200
+                answers = await resp.json()
+            gateway.resume(4)
+            vllm_format = {"prompt": {"prompt_token_ids": prompt_ids}, "max_tokens": 4, "temperature": 0.0}
+            async with session.post(f"{gateway.url}/generate", json=vllm_format) as resp:
+                assert resp.status == 200
+                translated = await resp.json()
+        return [a["output_ids"] for a in answers], translated["token_ids"]
+
+    sampled, greedy = live.run(scenario(), timeout_s=120)
+    assert len(sampled) == 2 and len(greedy) == 1
+    assert all(lineage.run_version(ids) == 3 for ids in sampled if ids not in greedy)
+    assert lineage.run_version(greedy[0]) == 4
 
 
 def test_atroposlib_vllm_client_is_translated_for_sglang(live: Live, tiny_model: str, prompt_ids: list[int]) -> None:

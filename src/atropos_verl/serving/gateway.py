@@ -517,8 +517,14 @@ class Gateway:
             prompt = native.get("input_ids", native.get("text"))
             completion = sglang_answer_as_completion(answer, prompt, reply.backend_url)
             result = vllm_response(completion, vllm_checked, version, reply.backend_url)
+            completions = result["token_ids"]
         else:
             result = sglang_native_response(answer, checked, version, reply.backend_url)
+            completions = [item.get("output_ids") for item in (result if isinstance(result, list) else [result])]
+        if self._lineage is not None:
+            for token_ids in completions:
+                if isinstance(token_ids, list):
+                    self._lineage.record(token_ids, version)
         return web.json_response(result, headers={POLICY_VERSION_HEADER: str(version)})
 
 
