@@ -41,6 +41,8 @@ def test_rl_loop_with_sglang_synced_by_gloo_broadcast(atropos_api, tiny_model, s
     # Step 1 trains on groups sampled before any update: the log-probs SGLang returned through the
     # gateway equal the trainer's own up to float noise.
     assert run.metrics[0]["train/inference_logprob_abs_diff"] < 1e-3
+    # The gateway recorded every answer SGLang's /generate gave with its policy version: no group's age is unknown.
+    assert all(m["staleness/unknown"] == 0 and m["staleness/max"] >= 0 for m in run.metrics), run.metrics
     assert "weight transport: nccl (SGLang /update_weights_from_distributed, gloo)" in run.trainer_log
     for step in range(1, STEPS + 1):
         assert f"received policy version {step} by broadcast" in run.trainer_log
