@@ -156,7 +156,8 @@ class ServerProcess:
         except (aiohttp.ClientError, asyncio.TimeoutError):
             return False
 
-    async def stop(self, timeout_s: float = 10) -> None:
+    async def stop(self, timeout_s: float = 10, port_held_by_another: bool = False) -> None:
+        """Stop the child by PID and wait until its port is free (not when ``port_held_by_another``)."""
         child = self._child
         if child is None or (self._session is None and not child.running):
             # Never started, or already stopped and released.
@@ -170,7 +171,7 @@ class ServerProcess:
         port = self.port
         assert port is not None
         deadline = time.monotonic() + timeout_s
-        while not self._port_is_free(port):
+        while not port_held_by_another and not self._port_is_free(port):
             if time.monotonic() >= deadline:
                 raise EngineError(f"{self}: port {port} still in use {timeout_s:g}s after the server exited")
             await asyncio.sleep(_EXIT_POLL_S)
@@ -283,8 +284,21 @@ class ServerReplica(InferenceReplica):
 
     async def start(self, timeout_s: float) -> None:
         started = time.monotonic()
-        port = self._server.pick_port()
-        await self._server.launch(self.command(port), self.environment(), timeout_s, self.engine)
+        # A free port can be taken by another process (one of Ray's agents, starting beside the replica) before
+        # the server binds it; that process may answer the health route, so readiness also asks who answers.
+        for attempt in (1, 2):
+            port = self._server.pick_port()
+            await self._server.launch(self.command(port), self.environment(), timeout_s, self.engine)
+            if await self._serves_the_policy():
+                break
+            await self._server.stop(port_held_by_another=True)
+            message = (
+                f"{self}: port {port} is answered by another process, not the {self.engine} server this replica "
+                f"started (it does not list {self._spec.served_model_name!r} at /v1/models)"
+            )
+            if self._spec.port is not None or attempt == 2:
+                raise EngineError(f"{message}: free the port or leave the engine's port unset")
+            logger.warning("%s; starting the server again on another port", message)
         try:
             await self._after_start()
         except BaseException:
@@ -292,6 +306,16 @@ class ServerReplica(InferenceReplica):
             raise
         self.policy_version = 0
         logger.info("%s: ready in %.1fs (pid %d, log %s)", self, time.monotonic() - started, self.pid, self.log_path)
+
+    async def _serves_the_policy(self) -> bool:
+        """Whether the server answering on the port is this replica's: it lists the served model name."""
+        try:
+            body = await self._server.request("GET", "/v1/models")
+        except EngineError:
+            return False
+        models = body.get("data") if isinstance(body, dict) else None
+        ids = [m.get("id") for m in models if isinstance(m, dict)] if isinstance(models, list) else []
+        return self._spec.served_model_name in ids
 
     async def _after_start(self) -> None:
         """Engine-specific set-up once the server answers."""
