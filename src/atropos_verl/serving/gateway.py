@@ -485,10 +485,15 @@ class Gateway:
                 'unrecognised /generate body: expected the vLLM format ("prompt": {"prompt_token_ids": [...]}) '
                 'or the SGLang format ("input_ids" or "text", with "sampling_params")',
             )
+        self._record_generated(completions, version)
+        return web.json_response(result, headers={POLICY_VERSION_HEADER: str(version)})
+
+    def _record_generated(self, completions: list[Any], version: int) -> None:
+        """Each /generate completion's token ids in the lineage, with the version that served it."""
         if self._lineage is not None:
             for token_ids in completions:
-                self._lineage.record(token_ids, version)
-        return web.json_response(result, headers={POLICY_VERSION_HEADER: str(version)})
+                if isinstance(token_ids, list):
+                    self._lineage.record(token_ids, version)
 
     async def _generate_on_sglang(self, body: dict[str, Any]) -> web.Response:
         if "prompt" in body:
@@ -521,10 +526,7 @@ class Gateway:
         else:
             result = sglang_native_response(answer, checked, version, reply.backend_url)
             completions = [item.get("output_ids") for item in (result if isinstance(result, list) else [result])]
-        if self._lineage is not None:
-            for token_ids in completions:
-                if isinstance(token_ids, list):
-                    self._lineage.record(token_ids, version)
+        self._record_generated(completions, version)
         return web.json_response(result, headers={POLICY_VERSION_HEADER: str(version)})
 
 
