@@ -89,32 +89,21 @@ def build_replicas(
             from atropos_verl.serving.replicas.vllm import VLLMReplica
 
             replicas.append(VLLMReplica(spec, name=f"vllm-{index}", log_dir=log_dir))
-        elif model.lora.enabled:
-            from atropos_verl.serving.lora import LoraSGLangReplica
-
-            replicas.append(
-                LoraSGLangReplica(
-                    spec,
-                    name=f"sglang-{index}",
-                    log_dir=log_dir,
-                    python=engine.python,
-                    attention_backend=engine.attention_backend,
-                    lora_rank=model.lora.rank,
-                    target_modules=model.lora.target_modules,
-                )
-            )
         else:
+            from atropos_verl.serving.lora import LoraSGLangReplica
             from atropos_verl.serving.replicas.sglang import SGLangReplica
 
-            replicas.append(
-                SGLangReplica(
-                    spec,
-                    name=f"sglang-{index}",
-                    log_dir=log_dir,
-                    python=engine.python,
-                    attention_backend=engine.attention_backend,
-                )
+            common = dict(
+                name=f"sglang-{index}",
+                log_dir=log_dir,
+                python=engine.python,
+                attention_backend=engine.attention_backend,
             )
+            if model.lora.enabled:
+                lora = dict(lora_rank=model.lora.rank, target_modules=model.lora.target_modules)
+                replicas.append(LoraSGLangReplica(spec, **common, **lora))
+            else:
+                replicas.append(SGLangReplica(spec, **common))
     return replicas
 
 
